@@ -1,0 +1,413 @@
+"""Batched DINO/EsViT multi-crop augmentation.
+
+``MultiCropAugmentation`` turns a ``uint8`` batch ``(b, 3, H, W)`` (any device) into 2 global
+views and ``n_local`` local views, each with its own random parameters per sample, with the
+DINO recipe:
+
+==================  =========================  =========================  =====================
+op                  global 1                   global 2                   local
+==================  =========================  =========================  =====================
+RandomResizedCrop   ``global_scale``           ``global_scale``           ``local_scale``
+horizontal flip     0.5                        0.5                        0.5
+ColorJitter         p 0.8 (0.4, 0.4, 0.2, 0.1) same                       same
+grayscale           0.2                        0.2                        0.2
+Gaussian blur       1.0, sigma U(0.1, 2)       0.1                        0.5
+solarize (>= 0.5)   --                         0.2                        --
+normalise           ImageNet mean / std        same                       same
+==================  =========================  =========================  =====================
+
+All views of one output size are processed as one batch: one ``roi_align`` call crops,
+resizes and flips them, and every other op is a batched tensor op with per-sample
+parameters (ops with ``p < 1`` run on the selected subset via ``index_select`` /
+``index_copy_``). The number of tensor operations per call does not depend on the batch
+size. Random parameters are drawn from an internal CPU ``torch.Generator``
+(``get_rng_state`` / ``set_rng_state`` for exact resume) and moved to the images' device in
+one transfer per view size.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from esvit.augment.blur import _blur_, blur_kernel_size, gaussian_kernel1d
+from esvit.augment.color import _gray, _jitter_, jitter_plan
+from esvit.augment.crop import _resize_rois, boxes_to_rois, sample_crop_boxes
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MIN_IMAGE_SIZE",
+    "MultiCropAugmentation",
+    "ViewParams",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Smallest accepted input height / width.
+MIN_IMAGE_SIZE = 8
+
+VIEW_KINDS = ("global1", "global2", "local")
+
+
+@dataclass
+class ViewParams:
+    """Random parameters of one view for a batch of ``b`` samples (CPU tensors).
+
+    Attributes:
+        kind: ``"global1"``, ``"global2"`` or ``"local"``.
+        size: output side length.
+        boxes: ``(b, 4)`` long crop boxes ``(top, left, h, w)`` in input pixels.
+        flip: ``(b,)`` bool, horizontal flip.
+        jitter: ``(b,)`` bool, colour jitter applied.
+        brightness, contrast, saturation: ``(b,)`` float jitter factors.
+        hue: ``(b,)`` float hue shift.
+        order: ``(b, 4)`` long permutation of the jitter ops
+            (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        grayscale: ``(b,)`` bool.
+        blur: ``(b,)`` bool.
+        sigma: ``(b,)`` float blur sigma (used where ``blur``).
+        solarize: ``(b,)`` bool.
+    """
+
+    kind: str
+    size: int
+    boxes: Tensor
+    flip: Tensor
+    jitter: Tensor
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    order: Tensor
+    grayscale: Tensor
+    blur: Tensor
+    sigma: Tensor
+    solarize: Tensor
+
+
+def _range(value: float | Sequence[float], name: str, center: float, bound: tuple[float, float]
+           ) -> tuple[float, float]:
+    """torchvision ColorJitter ``_check_input``: ``v -> [center - v, center + v]`` clipped."""
+    if isinstance(value, numbers.Number):
+        v = float(value)
+        if v < 0:
+            raise ValueError(f"{name} must be non-negative, got {v}")
+        lo, hi = center - v, center + v
+        lo = max(lo, bound[0])
+    else:
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a number or a (min, max) pair, got {value}")
+        lo, hi = float(value[0]), float(value[1])
+    if not (bound[0] <= lo <= hi <= bound[1]):
+        raise ValueError(f"{name} range must satisfy {bound[0]} <= min <= max <= {bound[1]}, "
+                         f"got ({lo}, {hi})")
+    return lo, hi
+
+
+def _prob(p: float, name: str) -> float:
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    return p
+
+
+def _pair(v: Sequence[float], name: str, lo_bound: float, hi_bound: float) -> tuple[float, float]:
+    if len(v) != 2:
+        raise ValueError(f"{name} must be a (min, max) pair, got {v}")
+    lo, hi = float(v[0]), float(v[1])
+    if not (lo_bound < lo <= hi <= hi_bound):
+        raise ValueError(f"{name} must satisfy {lo_bound} < min <= max <= {hi_bound}, got {v}")
+    return lo, hi
+
+
+class MultiCropAugmentation(nn.Module):
+    """Batched multi-crop augmentation (2 global + ``n_local`` local views).
+
+    Args:
+        global_size: side of the global views (e.g. 224, or 32 for CIFAR).
+        local_size: side of the local views (e.g. 96, or 16).
+        n_local: number of local views (0 allowed).
+        global_scale: area fraction range of the global crops.
+        local_scale: area fraction range of the local crops.
+        ratio: aspect ratio range of all crops.
+        flip_p: horizontal flip probability.
+        jitter_p: probability of applying ColorJitter.
+        brightness, contrast, saturation: jitter strength ``v`` (factor in
+            ``[max(0, 1 - v), 1 + v]``) or an explicit ``(min, max)`` range.
+        hue: hue strength ``v`` (shift in ``[-v, v]``, ``v <= 0.5``) or a range.
+        grayscale_p: probability of converting to (3-channel) grayscale.
+        blur_p: blur probabilities for (global 1, global 2, locals).
+        blur_sigma: range of the uniform blur sigma.
+        blur_kernel_size: odd number of taps; default ``2 * ceil(3 * sigma_max) + 1`` (13).
+            Clamped to the largest odd size <= the view size.
+        solarize_p: solarization probability of the second global view (others: never).
+        solarize_threshold: solarization threshold in ``[0, 1]`` units (0.5 ~ 128 / 255).
+        mean, std: normalisation constants (RGB, ``[0, 1]`` units).
+        seed: seed of the internal CPU generator; ``None`` draws a random seed.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        flip_p: float = 0.5,
+        jitter_p: float = 0.8,
+        brightness: float | tuple[float, float] = 0.4,
+        contrast: float | tuple[float, float] = 0.4,
+        saturation: float | tuple[float, float] = 0.2,
+        hue: float | tuple[float, float] = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_kernel_size: int | None = None,
+        solarize_p: float = 0.2,
+        solarize_threshold: float = 0.5,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("global_size", global_size), ("local_size", local_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(n_local, int) or n_local < 0:
+            raise ValueError(f"n_local must be an int >= 0, got {n_local!r}")
+        self.global_size = global_size
+        self.local_size = local_size
+        self.n_local = n_local
+        self.global_scale = _pair(global_scale, "global_scale", 0.0, 1.0)
+        self.local_scale = _pair(local_scale, "local_scale", 0.0, 1.0)
+        self.ratio = _pair(ratio, "ratio", 0.0, float("inf"))
+        self.flip_p = _prob(flip_p, "flip_p")
+        self.jitter_p = _prob(jitter_p, "jitter_p")
+        self.brightness = _range(brightness, "brightness", 1.0, (0.0, float("inf")))
+        self.contrast = _range(contrast, "contrast", 1.0, (0.0, float("inf")))
+        self.saturation = _range(saturation, "saturation", 1.0, (0.0, float("inf")))
+        self.hue = _range(hue, "hue", 0.0, (-0.5, 0.5))
+        self.grayscale_p = _prob(grayscale_p, "grayscale_p")
+        if len(blur_p) != 3:
+            raise ValueError(f"blur_p must be 3 probabilities (global1, global2, local), got {blur_p}")
+        self.blur_p = tuple(_prob(p, "blur_p") for p in blur_p)
+        self.blur_sigma = _pair(blur_sigma, "blur_sigma", 0.0, float("inf"))
+        if blur_kernel_size is None:
+            blur_kernel_size = blur_kernel_size_default = blur_kernel_size_for(self.blur_sigma[1])
+            del blur_kernel_size_default
+        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be a positive odd int, got {blur_kernel_size}")
+        self.blur_kernel_size = int(blur_kernel_size)
+        self.solarize_p = _prob(solarize_p, "solarize_p")
+        self.solarize_threshold = float(solarize_threshold)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std must have 3 values (RGB), got {mean} and {std}")
+        if min(std) <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.seed = int(self._generator.seed())
+        else:
+            self.seed = int(seed)
+            self._generator.manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ RNG state
+    def get_rng_state(self) -> Tensor:
+        """Return the state of the internal generator (a CPU ``uint8`` tensor)."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        """Restore a state returned by ``get_rng_state`` (exact resume)."""
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+            got = state.dtype if isinstance(state, Tensor) else type(state).__name__
+            raise TypeError(f"expected a torch.uint8 state tensor from get_rng_state(), got {got}")
+        self._generator.set_state(state.cpu())
+
+    # ------------------------------------------------------------------ views
+    @property
+    def view_kinds(self) -> list[str]:
+        """Kinds of the output views, in order."""
+        return ["global1", "global2"] + ["local"] * self.n_local
+
+    @property
+    def num_views(self) -> int:
+        """Number of output views (``2 + n_local``)."""
+        return 2 + self.n_local
+
+    def _kind_settings(self, kind: str) -> tuple[int, tuple[float, float], float, float]:
+        if kind == "global1":
+            return self.global_size, self.global_scale, self.blur_p[0], 0.0
+        if kind == "global2":
+            return self.global_size, self.global_scale, self.blur_p[1], self.solarize_p
+        return self.local_size, self.local_scale, self.blur_p[2], 0.0
+
+    def sample_params(self, b: int, height: int, width: int) -> list[ViewParams]:
+        """Draw the random parameters of all views for a batch (advances the generator).
+
+        Args:
+            b: batch size.
+            height, width: input image size.
+
+        Returns:
+            ``2 + n_local`` ``ViewParams`` (global 1, global 2, then the locals).
+        """
+        g = self._generator
+        out = []
+        for kind in self.view_kinds:
+            size, scale, blur_p, sol_p = self._kind_settings(kind)
+            boxes = sample_crop_boxes(height, width, b, scale, self.ratio, generator=g)
+            u = torch.rand((5, b), generator=g)
+            fac = torch.rand((4, b), generator=g)
+            lo = torch.tensor((self.brightness[0], self.contrast[0], self.saturation[0],
+                               self.hue[0])).view(4, 1)
+            hi = torch.tensor((self.brightness[1], self.contrast[1], self.saturation[1],
+                               self.hue[1])).view(4, 1)
+            fac = lo + (hi - lo) * fac
+            order = torch.rand((b, 4), generator=g).argsort(dim=1)
+            s_lo, s_hi = self.blur_sigma
+            sigma = s_lo + (s_hi - s_lo) * torch.rand(b, generator=g)
+            out.append(ViewParams(
+                kind=kind, size=size, boxes=boxes,
+                flip=u[0] < self.flip_p, jitter=u[1] < self.jitter_p,
+                brightness=fac[0], contrast=fac[1], saturation=fac[2], hue=fac[3],
+                order=order, grayscale=u[2] < self.grayscale_p, blur=u[3] < blur_p,
+                sigma=sigma, solarize=u[4] < sol_p,
+            ))
+        return out
+
+    # ------------------------------------------------------------------ forward
+    @staticmethod
+    def check_images(images: Tensor) -> None:
+        """Raise ``TypeError`` / ``ValueError`` unless ``images`` is ``uint8 (b, 3, H, W)``."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"expected a torch.uint8 tensor of shape (b, 3, H, W), got "
+                            f"{type(images).__name__}")
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected images of dtype torch.uint8, got {images.dtype}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (b, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[0] < 1:
+            raise ValueError("expected a batch of at least 1 image, got 0")
+        h, w = images.shape[-2:]
+        if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
+            raise ValueError(f"expected H, W >= {MIN_IMAGE_SIZE}, got {h}x{w}")
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Augment a batch.
+
+        Args:
+            images: ``uint8`` ``(b, 3, H, W)`` on any device.
+
+        Returns:
+            ``2 + n_local`` float32 tensors on the images' device: 2 global views
+            ``(b, 3, global_size, global_size)`` then the local views
+            ``(b, 3, local_size, local_size)``, normalised with ``mean`` / ``std``.
+        """
+        self.check_images(images)
+        b, _, h, w = images.shape
+        return self.apply_params(images, self.sample_params(b, h, w))
+
+    def apply_params(self, images: Tensor, params: list[ViewParams]) -> list[Tensor]:
+        """Apply previously sampled parameters (``sample_params``) to a ``uint8`` batch.
+
+        Args:
+            images: ``uint8`` ``(b, 3, H, W)``.
+            params: one ``ViewParams`` per view, each for ``b`` samples.
+
+        Returns:
+            One float32 ``(b, 3, size, size)`` tensor per view, in the order of ``params``.
+        """
+        self.check_images(images)
+        b, _, h, w = images.shape
+        for p in params:
+            if p.boxes.shape != (b, 4):
+                raise ValueError(f"params were sampled for a batch of {p.boxes.shape[0]}, "
+                                 f"images have {b}")
+        device = images.device
+        # uint8 -> float32 [0, 1] once; mirrored copies after the originals fold in the flip.
+        source = torch.empty((2 * b, 3, h, w), dtype=torch.float32, device=device)
+        source[:b].copy_(images)
+        source[b:].copy_(images.flip(-1))
+        source.mul_(1.0 / 255.0)
+
+        outputs: list[Tensor | None] = [None] * len(params)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.size, []).append(i)
+        for size, members in groups.items():
+            views = self._apply_group(source, [params[i] for i in members], b, w, size)
+            for i, v in zip(members, views, strict=True):
+                outputs[i] = v
+        return outputs  # type: ignore[return-value]
+
+    def _apply_group(self, source: Tensor, params: list[ViewParams], b: int, width: int,
+                     size: int) -> list[Tensor]:
+        """Process all views of one output size as a single batch of ``len(params) * b``."""
+        device = source.device
+        n_views = len(params)
+
+        def cat(name: str) -> Tensor:
+            return torch.cat([getattr(p, name) for p in params], dim=0)
+
+        # ---- CPU: per-sample plan for the whole group (view-major sample order)
+        flip = cat("flip")
+        batch_index = torch.arange(b).repeat(n_views)
+        rois = boxes_to_rois(cat("boxes"), batch_index, width, flip, b)
+        blend, hue6, hue_index = jitter_plan(cat("brightness"), cat("contrast"),
+                                             cat("saturation"), cat("hue"), cat("order"),
+                                             apply=cat("jitter"))
+        gray_index = torch.nonzero(cat("grayscale")).flatten()
+        blur_index = torch.nonzero(cat("blur")).flatten()
+        ksize = min(self.blur_kernel_size, blur_kernel_size(1.0, size) if size < 3 else
+                    (size if size % 2 == 1 else size - 1))
+        weights = gaussian_kernel1d(cat("sigma").index_select(0, blur_index), ksize)
+        sol_thr = torch.tensor(self.solarize_threshold)
+        sol_index = torch.nonzero(cat("solarize")).flatten()
+        norm = torch.tensor((*self.mean, *self.std))
+
+        # ---- one host -> device transfer for floats, one for indices
+        floats = [rois, blend, hue6, weights, sol_thr, norm]
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in floats]).to(device)
+        rois, blend, hue6, weights, sol_thr, norm = (
+            t.view(s.shape) for t, s in zip(flat.split([t.numel() for t in floats]), floats,
+                                            strict=True))
+        longs = [*hue_index, gray_index, blur_index, sol_index]
+        flat_idx = torch.cat(longs).to(device)
+        *hue_index, gray_index, blur_index, sol_index = flat_idx.split([t.numel() for t in longs])
+
+        # ---- crop + resize + flip: one roi_align call
+        x = _resize_rois(source, rois, (size, size))  # (n_views * b, 3, size, size)
+        # ---- colour jitter, random order per sample
+        _jitter_(x, blend, hue6, list(hue_index))
+        # ---- grayscale
+        sub = x.index_select(0, gray_index)
+        x.index_copy_(0, gray_index, _gray(sub).expand(-1, 3, -1, -1))
+        # ---- blur
+        sub = x.index_select(0, blur_index)
+        x.index_copy_(0, blur_index, _blur_(sub, weights))
+        # ---- solarize
+        sub = x.index_select(0, sol_index)
+        x.index_copy_(0, sol_index, torch.where(sub >= sol_thr, 1.0 - sub, sub))
+        # ---- normalise
+        mean, std = norm.view(2, 1, 3, 1, 1).unbind(0)
+        x.sub_(mean).div_(std)
+        return list(x.view(n_views, b, 3, size, size).unbind(0))
+
+    def extra_repr(self) -> str:
+        return (f"global_size={self.global_size}, local_size={self.local_size}, "
+                f"n_local={self.n_local}, global_scale={self.global_scale}, "
+                f"local_scale={self.local_scale}, blur_p={self.blur_p}, "
+                f"solarize_p={self.solarize_p}, seed={self.seed}")
+
+
+def blur_kernel_size_for(sigma_max: float) -> int:
+    """Default blur kernel size ``2 * ceil(3 * sigma_max) + 1`` (13 for sigma 2)."""
+    return blur_kernel_size(sigma_max)

@@ -1,0 +1,217 @@
+"""Variable-resolution Vision Transformer built on torchvision's ``VisionTransformer``.
+
+torchvision's ViT asserts that the input size equals ``image_size``. :class:`FlexibleVisionTransformer`
+accepts any input whose height and width are multiples of the patch size by bicubically
+interpolating the patch position embeddings (class-token embedding kept as is, like DINO's
+``interpolate_pos_encoding``). It adds no parameters or buffers, so its ``state_dict`` has exactly
+torchvision's keys and loads into ``torchvision.models.VisionTransformer`` with the same
+hyper-parameters; at the native size both compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import VisionTransformer
+from torchvision.models.vision_transformer import Encoder
+
+from .registry import BackboneSpec, register_backbone
+
+__all__ = [
+    "FlexibleEncoder",
+    "FlexibleVisionTransformer",
+    "interpolate_pos_embedding",
+    "torchvision_vit",
+]
+
+
+def interpolate_pos_embedding(
+    pos_embedding: Tensor, grid_size: tuple[int, int], num_prefix_tokens: int = 1
+) -> Tensor:
+    """Resize a square grid of position embeddings to ``grid_size`` (bicubic).
+
+    Args:
+        pos_embedding: ``(1, num_prefix_tokens + g * g, d)`` embeddings of a ``g x g`` grid.
+        grid_size: Target ``(grid_h, grid_w)``.
+        num_prefix_tokens: Leading (class) token embeddings, copied unchanged.
+
+    Returns:
+        ``(1, num_prefix_tokens + grid_h * grid_w, d)``; ``pos_embedding`` itself when the grid
+        already matches.
+    """
+    prefix = pos_embedding[:, :num_prefix_tokens]
+    patch = pos_embedding[:, num_prefix_tokens:]
+    n, d = patch.shape[1], patch.shape[2]
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"position embeddings must form a square grid, got {n} patch positions")
+    gh, gw = grid_size
+    if (gh, gw) == (g, g):
+        return pos_embedding
+    grid = patch.reshape(1, g, g, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+    patch = grid.to(pos_embedding.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, d)
+    return torch.cat([prefix, patch], dim=1)
+
+
+class FlexibleEncoder(Encoder):
+    """torchvision ``Encoder`` whose position embeddings adapt to the token grid.
+
+    Same parameters and state_dict keys as ``Encoder`` (``pos_embedding``, ``layers``, ``ln``).
+    """
+
+    def forward(self, input: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """Encode tokens.
+
+        Args:
+            input: ``(b, 1 + grid_h * grid_w, d)`` tokens, class token first.
+            grid_size: ``(grid_h, grid_w)`` of the patch tokens; inferred as square if None.
+
+        Returns:
+            ``(b, 1 + grid_h * grid_w, d)`` normalised tokens.
+        """
+        if input.dim() != 3:
+            raise ValueError(
+                f"expected (batch_size, seq_length, hidden_dim) tokens, got shape {tuple(input.shape)}"
+            )
+        n = input.shape[1] - 1
+        if grid_size is None:
+            g = math.isqrt(n)
+            if g * g != n:
+                raise ValueError(
+                    f"cannot infer a square token grid from {n} patch tokens; pass grid_size"
+                )
+            grid_size = (g, g)
+        if grid_size[0] * grid_size[1] != n:
+            raise ValueError(f"grid_size {grid_size} does not match {n} patch tokens")
+        pos = interpolate_pos_embedding(self.pos_embedding, grid_size, num_prefix_tokens=1)
+        x = input + pos
+        return self.ln(self.layers(self.dropout(x)))
+
+
+class FlexibleVisionTransformer(VisionTransformer):
+    """torchvision ``VisionTransformer`` accepting any input size that is a multiple of the patch.
+
+    Constructor arguments are those of ``torchvision.models.VisionTransformer``; ``image_size``
+    fixes the native position-embedding grid. ``forward`` returns ``self.heads(cls_token)`` like
+    torchvision; the full token sequence ``(b, 1 + n, d)`` is the output of ``self.encoder``.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # Same state as torchvision's Encoder; only forward differs, so swap the class in place
+        # (avoids re-initialising the encoder and keeps torchvision's init and RNG use).
+        self.encoder.__class__ = FlexibleEncoder
+
+    def _process_input(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (b, c, h, w), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"input size {h}x{w} must be a multiple of the patch size {p} "
+                f"(e.g. {max(p, h // p * p)}x{max(p, w // p * p)})"
+            )
+        x = self.conv_proj(x)  # (b, d, h/p, w/p)
+        return x.flatten(2).transpose(1, 2)  # (b, n, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x: ``(b, 3, h, w)`` with h, w multiples of the patch size. Returns ``(b, d)``."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self._process_input(x)
+        cls = self.class_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = self.encoder(x, grid_size=grid)
+        return self.heads(x[:, 0])
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    if image_size <= 0 or image_size % patch_size:
+        raise ValueError(
+            f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}"
+        )
+
+
+def _vit(
+    cls: type[VisionTransformer],
+    image_size: int,
+    patch_size: int,
+    depth: int,
+    num_heads: int,
+    dim: int,
+    mlp_dim: int,
+) -> VisionTransformer:
+    _check_image_size(image_size, patch_size)
+    net = cls(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=depth,
+        num_heads=num_heads,
+        hidden_dim=dim,
+        mlp_dim=mlp_dim,
+    )
+    net.heads = nn.Identity()
+    return net
+
+
+def torchvision_vit(
+    image_size: int, patch_size: int, depth: int, num_heads: int, dim: int, mlp_dim: int
+) -> VisionTransformer:
+    """Plain ``torchvision.models.VisionTransformer`` (heads = Identity) with these settings."""
+    return _vit(VisionTransformer, image_size, patch_size, depth, num_heads, dim, mlp_dim)
+
+
+def flexible_vit(
+    name: str, image_size: int, patch_size: int, depth: int, num_heads: int, dim: int, mlp_dim: int
+) -> tuple[nn.Module, BackboneSpec]:
+    """Build a :class:`FlexibleVisionTransformer` (heads = Identity) and its spec."""
+    net = _vit(FlexibleVisionTransformer, image_size, patch_size, depth, num_heads, dim, mlp_dim)
+    spec = BackboneSpec(
+        name=name,
+        layer="encoder",
+        layout="bnd",
+        num_prefix_tokens=1,
+        pool="cls",
+        embed_dim=dim,
+        export_ctor="torchvision.models.VisionTransformer",
+    )
+    return net, spec
+
+
+def _check_depth(depth: int) -> None:
+    if not 6 <= depth <= 12:
+        raise ValueError(f"depth must be in [6, 12], got {depth}")
+
+
+def _vit_tiny_equivalent(image_size: int = 32, depth: int = 12, patch_size: int = 4) -> nn.Module:
+    _check_depth(depth)
+    return torchvision_vit(image_size, patch_size, depth, 3, 192, 768)
+
+
+@register_backbone("vit_tiny", equivalent=_vit_tiny_equivalent)
+def vit_tiny(
+    image_size: int = 32, depth: int = 12, patch_size: int = 4
+) -> tuple[nn.Module, BackboneSpec]:
+    """ViT-Tiny for small images: patch 4, dim 192, 3 heads, MLP 768, ``depth`` in [6, 12]."""
+    _check_depth(depth)
+    return flexible_vit("vit_tiny", image_size, patch_size, depth, 3, 192, 768)
+
+
+def _vit_small_cifar_equivalent(
+    image_size: int = 32, depth: int = 12, patch_size: int = 4
+) -> nn.Module:
+    _check_depth(depth)
+    return torchvision_vit(image_size, patch_size, depth, 6, 384, 1536)
+
+
+@register_backbone("vit_small_cifar", equivalent=_vit_small_cifar_equivalent)
+def vit_small_cifar(
+    image_size: int = 32, depth: int = 12, patch_size: int = 4
+) -> tuple[nn.Module, BackboneSpec]:
+    """ViT-Small for small images: patch 4, dim 384, 6 heads, MLP 1536, ``depth`` in [6, 12]."""
+    _check_depth(depth)
+    return flexible_vit("vit_small_cifar", image_size, patch_size, depth, 6, 384, 1536)

@@ -1,0 +1,351 @@
+"""Run configuration: dataclasses validated from YAML, dotted command-line overrides.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value`` overrides and
+returns a :class:`Config`. Unknown keys and wrong types raise :class:`ConfigError` naming the
+dotted key; ``save_config`` writes the resolved configuration beside the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads."""
+
+    backbone: str = "cifar_resnet18"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    region_loss: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    """Multi-crop augmentation (runs on the training device)."""
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``kind``: folder, synthetic, cifar10, cifar100 or stl10."""
+
+    kind: str = "folder"
+    path: str | None = None
+    canvas_size: int = 256
+    num_workers: int = 4
+    max_bad_fraction: float = 0.01
+    synthetic_images: int = 512
+    synthetic_classes: int = 10
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation. ``batch_size`` is the global batch (all ranks, one optimiser step);
+    ``lr`` is per 256 images and scaled by ``batch_size / 256``."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    accum_steps: int = 1
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1.0
+    amp: str = "auto"
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teacher, temperatures and centring."""
+
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    temp: float = 0.07
+    warmup_temp: float = 0.04
+    warmup_temp_epochs: float = 30.0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how to log. ``wandb``: disabled, offline or online."""
+
+    output_dir: str = "runs/esvit"
+    wandb: str = "offline"
+    wandb_project: str = "esvit"
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint frequency and retention (a checkpoint is always written at the end)."""
+
+    every_epochs: int = 1
+    every_steps: int = 0
+    keep_last: int = 3
+
+
+@dataclass
+class KnnConfig:
+    """Optional online kNN monitor on a labeled folder (``every_epochs`` 0 disables)."""
+
+    every_epochs: int = 0
+    train_path: str | None = None
+    val_path: str | None = None
+    k: int = 20
+    temperature: float = 0.07
+    max_train_images: int = 10000
+
+
+@dataclass
+class Config:
+    """Full training configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
+_CHOICES = {
+    "data.kind": ("folder", "synthetic", "cifar10", "cifar100", "stl10"),
+    "optim.amp": ("auto", "none", "fp16", "bf16"),
+    "logging.wandb": ("disabled", "offline", "online"),
+}
+_POSITIVE = (
+    "model.out_dim", "model.hidden_dim", "model.bottleneck_dim", "augment.global_size", "augment.local_size",
+    "data.canvas_size", "data.synthetic_images", "data.synthetic_classes", "optim.epochs", "optim.batch_size",
+    "optim.accum_steps", "optim.lr", "teacher.temp", "teacher.warmup_temp", "teacher.student_temp",
+    "logging.log_every", "checkpoint.keep_last", "knn.k", "knn.temperature",
+)
+_NON_NEGATIVE = (
+    "augment.n_local", "data.num_workers", "data.max_bad_fraction", "optim.min_lr", "optim.warmup_epochs",
+    "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.freeze_last_layer_epochs",
+    "teacher.warmup_temp_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "knn.every_epochs",
+)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting int->float, list->tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads 5e-4 as a string
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    else:
+        raise ConfigError(f"{key}: unsupported annotation {tp}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (valid keys in {where}: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    a = cfg.augment
+    if a.local_size > a.global_size:
+        raise ConfigError(f"augment.local_size: {a.local_size} is larger than augment.global_size {a.global_size}")
+    for key in ("augment.global_scale", "augment.local_scale"):
+        lo, hi = _get(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{key}: must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+    if cfg.data.max_bad_fraction > 1:
+        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if not 0 <= cfg.teacher.momentum <= cfg.teacher.momentum_end <= 1:
+        raise ConfigError("teacher.momentum: need 0 <= teacher.momentum <= teacher.momentum_end <= 1, "
+                          f"got {cfg.teacher.momentum}, {cfg.teacher.momentum_end}")
+    if cfg.data.kind == "folder" and cfg.data.path is not None and not cfg.data.path.strip():
+        raise ConfigError("data.path: empty string")
+    if cfg.optim.batch_size % cfg.optim.accum_steps:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is not divisible by "
+                          f"optim.accum_steps={cfg.optim.accum_steps}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` (value parsed as YAML: numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict (in place) and return it."""
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a (nested) dict."""
+    return validate(_from_dict(Config, data or {}, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ConfigError: Unknown key, wrong type or invalid value (message names the key and file).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON and checkpoints."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,112 @@
+"""EsViTModel: a backbone (through :class:`NetWrapper`) plus the view and region heads.
+
+The student and the EMA teacher are two instances of this module with identical structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypedDict
+
+import torch
+from torch import Tensor, nn
+
+from esvit.heads import DINOHead
+from esvit.wrapper import NetWrapper
+
+
+class ModelOutput(TypedDict):
+    """Per-view outputs of :class:`EsViTModel`, views in input order (a plain dict, so DDP
+    can traverse it).
+
+    Keys:
+        view_out: Per view, view-head output ``(b, K)``.
+        region_out: Per view, region-head output ``(b, n_v, K)`` (empty if no region head).
+        region_feat: Per view, backbone region tokens ``(b, n_v, d)``.
+        pooled: Per view, pooled backbone feature ``(b, d)``.
+    """
+
+    view_out: list[Tensor]
+    region_out: list[Tensor]
+    region_feat: list[Tensor]
+    pooled: list[Tensor]
+
+
+def group_by_resolution(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Split crop indices into runs of consecutive crops with the same shape.
+
+    Returns:
+        List of ``(start, end)`` index ranges (end exclusive).
+    """
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape != crops[start].shape:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class EsViTModel(nn.Module):
+    """Backbone wrapper with a view-level and a region-level DINO head.
+
+    Args:
+        wrapper: :class:`NetWrapper` around the backbone.
+        view_head: Head applied to the pooled feature ``(b, d) -> (b, K)``.
+        region_head: Head applied to every region token ``(b, n, d) -> (b, n, K)``, or None
+            to train the view loss only (plain DINO).
+    """
+
+    def __init__(self, wrapper: NetWrapper, view_head: nn.Module, region_head: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone = wrapper
+        self.view_head = view_head
+        self.region_head = region_head
+
+    @classmethod
+    def build(
+        cls,
+        wrapper: NetWrapper,
+        probe_size: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        region: bool = True,
+    ) -> EsViTModel:
+        """Build the heads eagerly from a shape probe of the backbone at ``probe_size`` pixels."""
+        dim, _ = wrapper.probe(probe_size)
+
+        def head() -> DINOHead:
+            return DINOHead(dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                            use_bn=use_bn, norm_last_layer=norm_last_layer)
+
+        return cls(wrapper, head(), head() if region else None)
+
+    def forward(self, crops: Sequence[Tensor]) -> ModelOutput:
+        """Run the backbone once per crop resolution and the heads once over all views.
+
+        Args:
+            crops: Views ``(b, 3, h_v, w_v)``; consecutive views of equal size are batched.
+
+        Returns:
+            :class:`ModelOutput` with one entry per view.
+        """
+        if len(crops) == 0:
+            raise ValueError("EsViTModel needs at least one crop")
+        b = crops[0].shape[0]
+        pooled: list[Tensor] = []
+        feats: list[Tensor] = []
+        for start, end in group_by_resolution(crops):
+            p, r = self.backbone(torch.cat(list(crops[start:end])))
+            pooled.extend(p.chunk(end - start))
+            feats.extend(r.chunk(end - start))
+        view_out = list(self.view_head(torch.cat(pooled)).split(b))
+        region_out: list[Tensor] = []
+        if self.region_head is not None:
+            sizes = [f.shape[1] for f in feats]
+            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+            out = self.region_head(flat).split([b * n for n in sizes])
+            region_out = [o.reshape(b, n, -1) for o, n in zip(out, sizes, strict=True)]
+        return {"view_out": view_out, "region_out": region_out, "region_feat": feats, "pooled": pooled}

@@ -1,0 +1,87 @@
+"""Metrics to a JSON-lines file and to Weights & Biases (offline/disabled by default)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("esvit")
+
+
+class MetricLogger:
+    """Writes one JSON object per line to ``metrics.jsonl`` and mirrors it to wandb.
+
+    Only rank 0 should create an active logger; other ranks pass ``active=False``.
+
+    Args:
+        output_dir: Run directory.
+        wandb_mode: ``disabled``, ``offline`` (no account needed) or ``online``.
+        project: wandb project name.
+        run_id: wandb run id to resume (kept across restarts), or None for a new one.
+        config: Resolved config dict logged to wandb.
+        active: False makes every call a no-op.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        wandb_mode: str = "offline",
+        project: str = "esvit",
+        run_id: str | None = None,
+        config: dict[str, Any] | None = None,
+        active: bool = True,
+    ) -> None:
+        self.active = active
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.run_id = run_id
+        self._wandb = None
+        if not active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if wandb_mode != "disabled":
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_SILENT", "true")
+                self.run_id = run_id or wandb.util.generate_id()
+                self._wandb = wandb.init(
+                    project=project, dir=str(output_dir), mode=wandb_mode, id=self.run_id,
+                    resume="allow", config=config or {},
+                )
+            except Exception as e:  # noqa: BLE001 - wandb must never kill a run
+                log.warning("wandb (%s) unavailable, logging to %s only: %s", wandb_mode, self.path, e)
+                self._wandb = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Append a record ``{"step": step, **metrics}``."""
+        if not self.active:
+            return
+        rec = {"step": step}
+        for k, v in metrics.items():
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = str(v)
+            rec[k] = v
+        self._file.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        """Flush and close the file and finish the wandb run."""
+        if not self.active:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file back into a list of dicts."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,226 @@
+"""EsViTTrainer: multi-crop augmentation on the training device, student, EMA teacher, losses."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from esvit.augment import MultiCropAugmentation
+from esvit.backbones import build_backbone
+from esvit.losses import RegionLoss, ViewLoss
+from esvit.model import EsViTModel, ModelOutput
+from esvit.wrapper import NetWrapper
+
+NUM_GLOBAL_VIEWS = 2
+
+
+class EsViTTrainer(nn.Module):
+    """Student + EMA teacher + per-sample multi-crop augmentation + view and region losses.
+
+    The teacher starts as an exact copy of the student, never receives gradients and is
+    updated only by :meth:`update_teacher`. The teacher sees the two global views; the student
+    sees all views (2 global + ``n_local`` local), with one backbone call per crop resolution.
+
+    Args:
+        net: Any backbone ``nn.Module``.
+        layer: Name (or index in ``named_modules()``) of the layer whose output is hooked.
+        layout: Layout of that output: ``"bchw"``, ``"bhwc"`` or ``"bnd"``.
+        pool: ``"avg"`` or ``"cls"`` pooling of the hooked output.
+        num_prefix_tokens: Leading non-region tokens (CLS) for ``"bnd"`` layouts.
+        global_size: Side of the global crops.
+        local_size: Side of the local crops.
+        n_local: Number of local crops (0 allowed).
+        global_scale: Area range of global crops.
+        local_scale: Area range of local crops.
+        out_dim: Output dimension ``K`` of both heads.
+        hidden_dim: Head MLP hidden width.
+        bottleneck_dim: Head bottleneck width.
+        use_bn_in_head: BatchNorm in the head MLP.
+        norm_last_layer: Fix the weight-norm magnitude of the heads' last layer to 1.
+        student_temp: Student temperature.
+        center_momentum: EMA momentum of the view and region centres.
+        region_loss: Also train the region-level task (EsViT); False gives plain DINO.
+        augment: A custom augmentation module (``uint8 (b,3,H,W) -> list of views``); built
+            from the crop arguments when None.
+        seed: Seed of the augmentation's random generator.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        layer: str | int,
+        layout: str,
+        *,
+        pool: str = "avg",
+        num_prefix_tokens: int = 0,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        region_loss: bool = True,
+        augment: nn.Module | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        if local_size > global_size:
+            raise ValueError(f"local_size ({local_size}) must not exceed global_size ({global_size})")
+        self.augment = augment or MultiCropAugmentation(
+            global_size=global_size, local_size=local_size, n_local=n_local,
+            global_scale=global_scale, local_scale=local_scale, seed=seed,
+        )
+        wrapper = NetWrapper(net, layer, layout, pool=pool, num_prefix_tokens=num_prefix_tokens)
+        self.student = EsViTModel.build(
+            wrapper, global_size, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+            use_bn=use_bn_in_head, norm_last_layer=norm_last_layer, region=region_loss,
+        )
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.view_loss = ViewLoss(out_dim, student_temp, center_momentum)
+        self.region_loss = RegionLoss(out_dim, student_temp, center_momentum) if region_loss else None
+        self.out_dim = out_dim
+        self._student_forward: nn.Module | None = None
+
+    @classmethod
+    def from_backbone(cls, name: str, backbone_kwargs: dict | None = None, **kwargs) -> EsViTTrainer:
+        """Build a trainer around a registered backbone (see :func:`esvit.backbones.build_backbone`)."""
+        net, spec = build_backbone(name, **(backbone_kwargs or {}))
+        return cls(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ distributed
+    def set_student_forward(self, module: nn.Module | None) -> None:
+        """Route student forwards through ``module`` (e.g. ``DDP(trainer.student)``).
+
+        The module is stored without registering it, so state dicts keep their plain keys.
+        """
+        object.__setattr__(self, "_student_forward", module)
+
+    # ------------------------------------------------------------------ parameters
+    def param_groups(self) -> list[dict]:
+        """Student parameter groups for the optimiser: no weight decay on biases and norms.
+
+        Returns:
+            ``[{"params": decayed, "apply_wd": True}, {"params": others, "apply_wd": False,
+            "weight_decay": 0.0}]``; the loop sets the scheduled weight decay on the first.
+        """
+        decay, no_decay = [], []
+        for _, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        return [
+            {"params": decay, "apply_wd": True},
+            {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+        ]
+
+    def last_layer_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the heads' last (weight-normalised) layers."""
+        for name, p in self.student.named_parameters():
+            if "last_layer" in name:
+                yield p
+
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the gradients of the heads' last layers (used while the last layer is frozen)."""
+        for p in self.last_layer_parameters():
+            p.grad = None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA update ``teacher = m * teacher + (1 - m) * student`` with fused foreach ops."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"teacher momentum must be in [0, 1], got {momentum}")
+        t_params = list(self.teacher.parameters())
+        s_params = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+    # ------------------------------------------------------------------ forward
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"EsViTTrainer expects a uint8 tensor (b, 3, H, W), got {type(images).__name__}")
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"EsViTTrainer expects raw uint8 images (b, 3, H, W) in [0, 255]; got dtype {images.dtype}. "
+                "Augmentation and normalisation happen inside the trainer."
+            )
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"EsViTTrainer expects images of shape (b, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[0] < 1:
+            raise ValueError("EsViTTrainer got an empty batch")
+
+    def forward(self, images: Tensor, teacher_temp: float) -> dict[str, Tensor]:
+        """Augment a batch, run student and teacher, and compute the losses.
+
+        Args:
+            images: uint8 images ``(b, 3, H, W)``, on any device (moved to the model's).
+            teacher_temp: Current teacher temperature.
+
+        Returns:
+            Dict with ``loss`` (differentiable) and detached metrics: ``view_loss``,
+            ``region_loss``, ``teacher_entropy`` (mean per-sample entropy of the teacher's
+            view distribution, nats), ``teacher_kl_uniform`` (KL of the batch-mean teacher
+            distribution to uniform: near ``log K`` when one dimension dominates),
+            ``student_entropy``.
+        """
+        self._check_images(images)
+        device = next(self.student.parameters()).device
+        images = images.to(device, non_blocking=device.type == "cuda")
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            views = self.augment(images)
+        n_t = NUM_GLOBAL_VIEWS
+        with torch.no_grad():
+            t_out: ModelOutput = self.teacher(views[:n_t])
+        student = self._student_forward or self.student
+        s_out: ModelOutput = student(views)
+
+        view_loss = self.view_loss(s_out["view_out"], t_out["view_out"], teacher_temp)
+        if self.region_loss is not None:
+            region_loss = self.region_loss(
+                s_out["region_out"], s_out["region_feat"], t_out["region_out"], t_out["region_feat"], teacher_temp
+            )
+            loss = 0.5 * view_loss + 0.5 * region_loss
+        else:
+            region_loss = torch.zeros_like(view_loss)
+            loss = view_loss
+        metrics = self._collapse_metrics(s_out, t_out, teacher_temp)
+        if self.training:
+            self.view_loss.update_center(t_out["view_out"])
+            if self.region_loss is not None:
+                self.region_loss.update_center(t_out["region_out"])
+        return {"loss": loss, "view_loss": view_loss.detach(), "region_loss": region_loss.detach(), **metrics}
+
+    @torch.no_grad()
+    def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
+        t = torch.cat(t_out["view_out"]).float()
+        p_t = torch.softmax((t - self.view_loss.center.center) / teacher_temp, dim=-1)
+        ent_t = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(-1).mean()
+        mean_p = p_t.mean(0)
+        kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(self.out_dim)
+        s = torch.cat(s_out["view_out"]).float()
+        log_p_s = torch.log_softmax(s / self.view_loss.student_temp, dim=-1)
+        ent_s = -(log_p_s.exp() * log_p_s).sum(-1).mean()
+        return {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s}
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict:
+        """Non-tensor-module state needed for an exact resume (augmentation RNG)."""
+        return {"augment_rng": self.augment.get_rng_state()} if hasattr(self.augment, "get_rng_state") else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`."""
+        if "augment_rng" in state and hasattr(self.augment, "set_rng_state"):
+            self.augment.set_rng_state(state["augment_rng"])
