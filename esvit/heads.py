@@ -39,7 +39,14 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Args: x: ``(..., in)``. Returns ``(..., out)``."""
+        """Apply the layer.
+
+        Args:
+            x: ``(..., in_features)``.
+
+        Returns:
+            ``(..., out_features)``.
+        """
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -38,7 +38,7 @@ EQUIV_CASES = {
     "swin_t": ({}, 32),
     "vit_b_16": ({"image_size": 32}, 32),
     "cifar_resnet18": ({}, 32),
-    "vit_tiny": ({"depth": 6}, 32),
+    "vit_tiny": ({"depth": 2}, 32),
     "vit_small_cifar": ({"depth": 6, "image_size": 16}, 16),
     "swin_tiny_cifar": ({}, 32),
 }
@@ -104,7 +104,12 @@ def test_register_backbone_and_duplicates() -> None:
 )
 def test_spec_validation(kwargs: dict, match: str) -> None:
     base = dict(
-        name="x", layer="a", layout="bchw", num_prefix_tokens=0, pool="avg", embed_dim=8,
+        name="x",
+        layer="a",
+        layout="bchw",
+        num_prefix_tokens=0,
+        pool="avg",
+        embed_dim=8,
         export_ctor=None,
     )
     with pytest.raises(ValueError, match=match):
@@ -118,7 +123,15 @@ def test_classifier_removed_and_no_pretrained() -> None:
     assert spec.export_ctor == "torchvision.models.resnet18"
 
 
-@pytest.mark.parametrize("name", sorted(EQUIV_CASES))
+# The big torchvision entries are plain torchvision models (structure covered by the small
+# ones); their equivalence check is slow-only. Each is still built once in test_wrapper.py.
+BIG = {"resnet50", "swin_t", "vit_b_16"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in sorted(EQUIV_CASES)],
+)
 def test_state_dict_loads_into_torchvision_equivalent(name: str) -> None:
     kwargs, size = EQUIV_CASES[name]
     torch.manual_seed(0)
@@ -156,9 +169,9 @@ def test_cifar_resnet18_stem() -> None:
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert net.conv1.padding == (1, 1) and net.conv1.bias is None
     assert isinstance(net.maxpool, nn.Identity)
+    trunk = nn.Sequential(*list(net.children())[:-2])  # conv1 ... layer4
     with torch.no_grad():
-        feat = net.layer4(net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(
-            torch.zeros(1, 3, 32, 32))))))))
+        feat = trunk(torch.zeros(1, 3, 32, 32))
     assert feat.shape == (1, 512, 4, 4)
 
 
@@ -193,8 +206,8 @@ def test_vit_state_dict_keys_match_torchvision() -> None:
 def test_vit_bad_args() -> None:
     with pytest.raises(ValueError, match="multiple of the patch size 4"):
         build_backbone("vit_tiny", image_size=30)
-    with pytest.raises(ValueError, match=r"depth must be in \[6, 12\]"):
-        build_backbone("vit_tiny", depth=3)
+    with pytest.raises(ValueError, match=r"depth must be in \[1, 24\]"):
+        build_backbone("vit_tiny", depth=0)
 
 
 def test_interpolate_pos_embedding() -> None:

@@ -260,9 +260,7 @@ def test_probe_restores_modes_and_device() -> None:
 def test_ddp_single_process(tmp_path) -> None:
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
 
         class Model(nn.Module):

@@ -222,8 +222,8 @@ def _jitter_(
         g.mul_(a).add_(mean.mul_(c))
         _blend_(x, g, f)
         idx = hue_index[k]
-        sub = x.index_select(0, idx)
-        x.index_copy_(0, idx, _hue_(sub, hue6.index_select(0, idx).view(-1, 1, 1)))
+        sub = x[idx]  # advanced indexing: much faster than index_select on CPU
+        x.index_copy_(0, idx, _hue_(sub, hue6[idx].view(-1, 1, 1)))
     return x
 
 

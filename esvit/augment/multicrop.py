@@ -18,7 +18,7 @@ normalise           ImageNet mean / std        same                       same
 
 All views of one output size are processed as one batch: one ``roi_align`` call crops,
 resizes and flips them, and every other op is a batched tensor op with per-sample
-parameters (ops with ``p < 1`` run on the selected subset via ``index_select`` /
+parameters (ops with ``p < 1`` run on the selected subset via indexing /
 ``index_copy_``). The number of tensor operations per call does not depend on the batch
 size. Random parameters are drawn from an internal CPU ``torch.Generator``
 (``get_rng_state`` / ``set_rng_state`` for exact resume) and moved to the images' device in
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from esvit.augment.blur import _blur_, blur_kernel_size, gaussian_kernel1d
+from esvit.augment.blur import _blur_, gaussian_kernel1d
+from esvit.augment.blur import blur_kernel_size as blur_kernel_size_fn
 from esvit.augment.color import _gray, _jitter_, jitter_plan
 from esvit.augment.crop import _resize_rois, boxes_to_rois, sample_crop_boxes
 
@@ -199,8 +200,7 @@ class MultiCropAugmentation(nn.Module):
         self.blur_p = tuple(_prob(p, "blur_p") for p in blur_p)
         self.blur_sigma = _pair(blur_sigma, "blur_sigma", 0.0, float("inf"))
         if blur_kernel_size is None:
-            blur_kernel_size = blur_kernel_size_default = blur_kernel_size_for(self.blur_sigma[1])
-            del blur_kernel_size_default
+            blur_kernel_size = blur_kernel_size_fn(self.blur_sigma[1])
         if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be a positive odd int, got {blur_kernel_size}")
         self.blur_kernel_size = int(blur_kernel_size)
@@ -366,8 +366,8 @@ class MultiCropAugmentation(nn.Module):
                                              apply=cat("jitter"))
         gray_index = torch.nonzero(cat("grayscale")).flatten()
         blur_index = torch.nonzero(cat("blur")).flatten()
-        ksize = min(self.blur_kernel_size, blur_kernel_size(1.0, size) if size < 3 else
-                    (size if size % 2 == 1 else size - 1))
+        # clamp the kernel for tiny views (reflect padding needs kernel // 2 < size)
+        ksize = min(self.blur_kernel_size, size if size % 2 == 1 else size - 1)
         weights = gaussian_kernel1d(cat("sigma").index_select(0, blur_index), ksize)
         sol_thr = torch.tensor(self.solarize_threshold)
         sol_index = torch.nonzero(cat("solarize")).flatten()
@@ -388,13 +388,13 @@ class MultiCropAugmentation(nn.Module):
         # ---- colour jitter, random order per sample
         _jitter_(x, blend, hue6, list(hue_index))
         # ---- grayscale
-        sub = x.index_select(0, gray_index)
+        sub = x[gray_index]
         x.index_copy_(0, gray_index, _gray(sub).expand(-1, 3, -1, -1))
         # ---- blur
-        sub = x.index_select(0, blur_index)
+        sub = x[blur_index]
         x.index_copy_(0, blur_index, _blur_(sub, weights))
         # ---- solarize
-        sub = x.index_select(0, sol_index)
+        sub = x[sol_index]
         x.index_copy_(0, sol_index, torch.where(sub >= sol_thr, 1.0 - sub, sub))
         # ---- normalise
         mean, std = norm.view(2, 1, 3, 1, 1).unbind(0)
@@ -407,7 +407,3 @@ class MultiCropAugmentation(nn.Module):
                 f"local_scale={self.local_scale}, blur_p={self.blur_p}, "
                 f"solarize_p={self.solarize_p}, seed={self.seed}")
 
-
-def blur_kernel_size_for(sigma_max: float) -> int:
-    """Default blur kernel size ``2 * ceil(3 * sigma_max) + 1`` (13 for sigma 2)."""
-    return blur_kernel_size(sigma_max)

@@ -135,8 +135,7 @@ def _check_kwargs(name: str, fn: Callable[..., object], kwargs: dict[str, object
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(
-            f"backbone {name!r} got unexpected keyword argument(s) {unknown}; "
-            f"accepted: {accepted}"
+            f"backbone {name!r} got unexpected keyword argument(s) {unknown}; accepted: {accepted}"
         )
 
 

@@ -120,7 +120,14 @@ class FlexibleVisionTransformer(VisionTransformer):
         return x.flatten(2).transpose(1, 2)  # (b, n, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Args: x: ``(b, 3, h, w)`` with h, w multiples of the patch size. Returns ``(b, d)``."""
+        """Classify (or embed, with ``heads = Identity``) images.
+
+        Args:
+            x: ``(b, 3, h, w)`` images; h and w must be multiples of the patch size.
+
+        Returns:
+            ``self.heads`` applied to the final class token, ``(b, d)`` when headless.
+        """
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self._process_input(x)
         cls = self.class_token.expand(x.shape[0], -1, -1)
@@ -183,8 +190,8 @@ def flexible_vit(
 
 
 def _check_depth(depth: int) -> None:
-    if not 6 <= depth <= 12:
-        raise ValueError(f"depth must be in [6, 12], got {depth}")
+    if not 1 <= depth <= 24:
+        raise ValueError(f"depth must be in [1, 24] (6-12 for the standard ViT-tiny/small), got {depth}")
 
 
 def _vit_tiny_equivalent(image_size: int = 32, depth: int = 12, patch_size: int = 4) -> nn.Module:

@@ -2,9 +2,90 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+__all__ = ["knn_accuracies", "knn_accuracy", "knn_neighbors", "knn_predict"]
+
+
+def _similarity(queries: Tensor, bank_chunk: Tensor) -> Tensor:
+    """Cosine similarities ``(q, c)`` of normalised queries ``(q, d)`` and bank rows ``(c, d)``.
+
+    The only place a similarity block is materialised (tests check its size).
+    """
+    return queries @ bank_chunk.T
+
+
+@torch.no_grad()
+def knn_neighbors(
+    train_features: Tensor,
+    test_features: Tensor,
+    k: int,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65536,
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` cosine neighbours of every query, never building the ``M x N`` matrix.
+
+    Queries are processed in chunks of ``chunk_size`` rows; for each chunk the bank is scanned in
+    chunks of ``train_chunk_size`` rows keeping a running top-k, so the largest similarity block
+    is ``chunk_size x train_chunk_size``.
+
+    Args:
+        train_features: ``(N, d)`` feature bank (normalised here).
+        test_features: ``(M, d)`` queries (normalised here, moved to the bank's device).
+        k: Neighbours per query (clipped to ``N``).
+        chunk_size: Queries per chunk.
+        train_chunk_size: Bank rows per chunk.
+
+    Returns:
+        ``similarities (M, k)`` sorted in decreasing order and bank ``indices (M, k)``.
+    """
+    if train_features.shape[0] == 0:
+        raise ValueError("kNN feature bank is empty")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"feature dims differ: bank {train_features.shape[1]}, "
+                         f"queries {test_features.shape[1]}")
+    if k < 1 or chunk_size < 1 or train_chunk_size < 1:
+        raise ValueError(f"k, chunk_size and train_chunk_size must be >= 1, got "
+                         f"{k}, {chunk_size}, {train_chunk_size}")
+    k = min(k, train_features.shape[0])
+    bank = F.normalize(train_features.float(), dim=1)
+    sims, idxs = [], []
+    for q in F.normalize(test_features.float(), dim=1).to(bank.device).split(chunk_size):
+        best_sim = q.new_full((q.shape[0], 0), float("-inf"))
+        best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
+        for start in range(0, bank.shape[0], train_chunk_size):
+            sim = _similarity(q, bank[start:start + train_chunk_size])
+            sim_k, idx_k = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_sim, pos = torch.cat([best_sim, sim_k], 1).topk(
+                min(k, best_sim.shape[1] + sim_k.shape[1]), dim=1)
+            best_idx = torch.cat([best_idx, idx_k + start], 1).gather(1, pos)
+        sims.append(best_sim)
+        idxs.append(best_idx)
+    if not sims:
+        empty = test_features.new_zeros((0, k), dtype=torch.float32)
+        return empty.to(bank.device), empty.long().to(bank.device)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def _vote(sim: Tensor, idx: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    weights = (sim / temperature).exp()
+    scores = sim.new_zeros(sim.shape[0], num_classes)
+    scores.scatter_add_(1, labels[idx], weights)
+    return scores
+
+
+def _check_labels(train_features: Tensor, train_labels: Tensor, num_classes: int) -> None:
+    if train_features.shape[0] != train_labels.shape[0]:
+        raise ValueError(
+            f"train_features has {train_features.shape[0]} rows but train_labels {train_labels.shape[0]}"
+        )
+    if train_labels.numel() and (train_labels.min() < 0 or train_labels.max() >= num_classes):
+        raise ValueError(f"train labels must be in [0, {num_classes}), got "
+                         f"[{int(train_labels.min())}, {int(train_labels.max())}]")
 
 
 @torch.no_grad()
@@ -20,9 +101,7 @@ def knn_predict(
 ) -> Tensor:
     """Class scores of a temperature-weighted kNN vote (Wu et al. 2018, as in DINO).
 
-    Never builds the full ``N_test x N_train`` similarity matrix: test features are processed in
-    chunks of ``chunk_size`` rows, and for each chunk the bank is scanned in chunks of
-    ``train_chunk_size`` columns keeping a running top-k.
+    Never builds the full ``N_test x N_train`` similarity matrix (see :func:`knn_neighbors`).
 
     Args:
         train_features: ``(N, d)`` feature bank (normalised here).
@@ -32,34 +111,23 @@ def knn_predict(
         k: Number of neighbours (clipped to ``N``).
         temperature: Softmax temperature of the similarity weights.
         chunk_size: Queries per chunk.
-        train_chunk_size: Bank columns per chunk.
+        train_chunk_size: Bank rows per chunk.
 
     Returns:
         Scores ``(M, C)``; ``argmax`` gives the prediction.
     """
-    if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError(
-            f"train_features has {train_features.shape[0]} rows but train_labels {train_labels.shape[0]}"
-        )
-    if train_features.shape[0] == 0:
-        raise ValueError("kNN feature bank is empty")
-    k = min(k, train_features.shape[0])
-    bank = F.normalize(train_features.float(), dim=1)
-    labels = train_labels.long().to(bank.device)
-    out = []
-    for q in F.normalize(test_features.float(), dim=1).to(bank.device).split(chunk_size):
-        best_sim = q.new_full((q.shape[0], 0), float("-inf"))
-        best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
-        for start in range(0, bank.shape[0], train_chunk_size):
-            sim = q @ bank[start:start + train_chunk_size].T
-            sim_k, idx_k = sim.topk(min(k, sim.shape[1]), dim=1)
-            best_sim, pos = torch.cat([best_sim, sim_k], 1).topk(min(k, best_sim.shape[1] + sim_k.shape[1]), dim=1)
-            best_idx = torch.cat([best_idx, idx_k + start], 1).gather(1, pos)
-        weights = (best_sim / temperature).exp()
-        scores = q.new_zeros(q.shape[0], num_classes)
-        scores.scatter_add_(1, labels[best_idx], weights)
-        out.append(scores)
-    return torch.cat(out)
+    _check_labels(train_features, train_labels, num_classes)
+    sim, idx = knn_neighbors(train_features, test_features, k, chunk_size, train_chunk_size)
+    return _vote(sim, idx, train_labels.long().to(sim.device), num_classes, temperature)
+
+
+def _topk_accuracy(scores: Tensor, target: Tensor, num_classes: int) -> dict[str, float]:
+    target = target.to(scores.device).long()
+    res = {"top1": (scores.argmax(1) == target).float().mean().item() * 100}
+    if num_classes >= 5:
+        top5 = scores.topk(5, dim=1).indices
+        res["top5"] = (top5 == target[:, None]).any(1).float().mean().item() * 100
+    return res
 
 
 def knn_accuracy(
@@ -74,9 +142,46 @@ def knn_accuracy(
     """Top-1 (and top-5 when there are >= 5 classes) kNN accuracy in percent."""
     c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
     scores = knn_predict(train_features, train_labels, test_features, c, k, temperature)
-    target = test_labels.to(scores.device).long()
-    res = {"top1": (scores.argmax(1) == target).float().mean().item() * 100}
-    if c >= 5:
-        top5 = scores.topk(5, dim=1).indices
-        res["top5"] = (top5 == target[:, None]).any(1).float().mean().item() * 100
-    return res
+    return _topk_accuracy(scores, test_labels, c)
+
+
+@torch.no_grad()
+def knn_accuracies(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65536,
+) -> dict[int, dict[str, float]]:
+    """kNN accuracy for several ``k`` with a single neighbour search (``max(ks)`` neighbours).
+
+    Args:
+        train_features: ``(N, d)`` bank.
+        train_labels: ``(N,)`` labels.
+        test_features: ``(M, d)`` queries.
+        test_labels: ``(M,)`` labels.
+        ks: Neighbour counts (each clipped to ``N``).
+        temperature: Vote temperature.
+        num_classes: Number of classes (inferred from the labels when None).
+        chunk_size: Queries per chunk.
+        train_chunk_size: Bank rows per chunk.
+
+    Returns:
+        ``{k: {"top1": %, "top5": %}}`` (``top5`` only with >= 5 classes).
+    """
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
+    _check_labels(train_features, train_labels, c)
+    sim, idx = knn_neighbors(train_features, test_features, max(ks), chunk_size, train_chunk_size)
+    labels = train_labels.long().to(sim.device)
+    out: dict[int, dict[str, float]] = {}
+    for k in ks:
+        kk = min(k, sim.shape[1])
+        scores = _vote(sim[:, :kk], idx[:, :kk], labels, c, temperature)
+        out[int(k)] = _topk_accuracy(scores, test_labels, c)
+    return out
