@@ -94,6 +94,7 @@ class EsViTTrainer(nn.Module):
         self.region_loss = RegionLoss(out_dim, student_temp, center_momentum) if region_loss else None
         self.out_dim = out_dim
         self._student_forward: nn.Module | None = None
+        self.shard: tuple[int, int] | None = None
 
     @classmethod
     def from_backbone(cls, name: str, backbone_kwargs: dict | None = None, **kwargs) -> EsViTTrainer:
@@ -102,6 +103,14 @@ class EsViTTrainer(nn.Module):
         return cls(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens, **kwargs)
 
     # ------------------------------------------------------------------ distributed
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Declare that each batch is rank ``rank``'s contiguous block of a global batch.
+
+        Augmentation parameters are then drawn for the global batch and sliced, so every sample
+        gets the same views whatever the number of ranks (see :class:`EpochBlockSampler`).
+        """
+        self.shard = (rank, world_size) if world_size > 1 else None
+
     def set_student_forward(self, module: nn.Module | None) -> None:
         """Route student forwards through ``module`` (e.g. ``DDP(trainer.student)``).
 
@@ -180,7 +189,7 @@ class EsViTTrainer(nn.Module):
         device = next(self.student.parameters()).device
         images = images.to(device, non_blocking=device.type == "cuda")
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            views = self.augment(images)
+            views = self.augment(images, shard=self.shard) if self.shard else self.augment(images)
         n_t = NUM_GLOBAL_VIEWS
         with torch.no_grad():
             t_out: ModelOutput = self.teacher(views[:n_t])

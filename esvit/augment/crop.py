@@ -2,7 +2,8 @@
 
 ``sample_crop_boxes`` reproduces ``torchvision.transforms.RandomResizedCrop.get_params``
 (10 attempts, then the centre-crop fallback) for many boxes at once. ``resized_crop``
-crops and resizes all boxes with a single ``torchvision.ops.roi_align`` call
+crops and resizes all boxes with a single ``torchvision.ops.roi_align`` call (on CPU split
+over ``torch.get_num_threads()`` threads, as the kernel itself is single-threaded)
 (``aligned=True``; adaptive ``sampling_ratio``, so a downscale averages
 ``ceil(box / output)`` samples per output pixel and is anti-aliased, an upscale is plain
 bilinear interpolation). A horizontal flip is folded in by cropping the mirrored box from a
@@ -12,6 +13,7 @@ mirrored copy of the source.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -118,10 +120,49 @@ def boxes_to_rois(
     return torch.stack((k, left, top, left + w, top + h), dim=1)
 
 
-def _resize_rois(source: Tensor, rois: Tensor, size: tuple[int, int]) -> Tensor:
-    """``roi_align`` with adaptive sampling: ``(n, 5)`` rois -> ``(n, c, size[0], size[1])``."""
-    return roi_align(source, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0,
-                     aligned=True)
+def _dispatch_modes_active() -> bool:
+    """True when a ``TorchDispatchMode`` (fake tensors, tracing, op counting) is active."""
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return stack_len is None or stack_len() > 0
+
+
+def _resize_rois(source: Tensor, rois: Tensor, size: tuple[int, int],
+                 num_threads: int | None = None) -> Tensor:
+    """``roi_align`` with adaptive sampling: ``(n, 5)`` rois -> ``(n, c, size[0], size[1])``.
+
+    torchvision's CPU ``roi_align`` kernel is single-threaded but releases the GIL, so on CPU
+    the rois are split into ``torch.get_num_threads()`` chunks computed by as many Python
+    threads (a fixed number of ops, whatever the batch size). Elsewhere (CUDA, or under a
+    dispatch mode, whose state is thread-local) it is one plain call.
+    """
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    if source.device.type != "cpu" or threads <= 1 or _dispatch_modes_active():
+        return roi_align(source, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0,
+                         aligned=True)
+    out = torch.empty((rois.shape[0], source.shape[1], *size), dtype=source.dtype)
+    bounds = [rois.shape[0] * i // threads for i in range(threads + 1)]
+    errors: list[BaseException] = []
+    # grad / inference mode are thread-local: run the workers in the caller's modes
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def work(i: int) -> None:
+        try:
+            lo, hi = bounds[i], bounds[i + 1]
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                out[lo:hi].copy_(roi_align(source, rois[lo:hi], output_size=size,
+                                           spatial_scale=1.0, sampling_ratio=0, aligned=True))
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, threads)]
+    for t in workers:
+        t.start()
+    work(0)
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
 
 
 def resized_crop(

@@ -27,6 +27,7 @@ one transfer per view size.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,13 @@ class ViewParams:
     blur: Tensor
     sigma: Tensor
     solarize: Tensor
+
+    def rows(self, start: int, end: int) -> ViewParams:
+        """Parameters of samples ``start:end`` (e.g. this rank's share of a global batch)."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[start:end]
+            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)
+        })
 
 
 def _range(value: float | Sequence[float], name: str, center: float, bound: tuple[float, float]
@@ -300,11 +308,15 @@ class MultiCropAugmentation(nn.Module):
         if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
             raise ValueError(f"expected H, W >= {MIN_IMAGE_SIZE}, got {h}x{w}")
 
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, shard: tuple[int, int] | None = None) -> list[Tensor]:
         """Augment a batch.
 
         Args:
             images: ``uint8`` ``(b, 3, H, W)`` on any device.
+            shard: ``(rank, world_size)`` when ``images`` is rank ``rank``'s contiguous block of
+                a global batch of ``b * world_size``: parameters are drawn for the global batch
+                (generators stay in step on every rank) and this rank applies its rows, so the
+                result does not depend on how the global batch is split across ranks.
 
         Returns:
             ``2 + n_local`` float32 tensors on the images' device: 2 global views
@@ -313,7 +325,13 @@ class MultiCropAugmentation(nn.Module):
         """
         self.check_images(images)
         b, _, h, w = images.shape
-        return self.apply_params(images, self.sample_params(b, h, w))
+        if shard is None or shard[1] == 1:
+            return self.apply_params(images, self.sample_params(b, h, w))
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard rank {rank} out of range for world size {world}")
+        params = self.sample_params(b * world, h, w)
+        return self.apply_params(images, [p.rows(rank * b, (rank + 1) * b) for p in params])
 
     def apply_params(self, images: Tensor, params: list[ViewParams]) -> list[Tensor]:
         """Apply previously sampled parameters (``sample_params``) to a ``uint8`` batch.
@@ -391,8 +409,8 @@ class MultiCropAugmentation(nn.Module):
         sub = x[gray_index]
         x.index_copy_(0, gray_index, _gray(sub).expand(-1, 3, -1, -1))
         # ---- blur
-        sub = x[blur_index]
-        x.index_copy_(0, blur_index, _blur_(sub, weights))
+        blurred = _blur_(x[blur_index], weights)  # (m, h, c, w) layout
+        x.permute(0, 2, 1, 3).index_copy_(0, blur_index, blurred)
         # ---- solarize
         sub = x[sol_index]
         x.index_copy_(0, sol_index, torch.where(sub >= sol_thr, 1.0 - sub, sub))

@@ -1,6 +1,45 @@
-"""Evaluation: kNN, linear probes and feature extraction."""
+"""Evaluation: kNN, linear probes and feature extraction.
 
-from esvit.eval.features import extract_features, preprocess
-from esvit.eval.knn import knn_accuracy, knn_predict
+``esvit.eval.knn(...)`` (the callable :mod:`esvit.eval.knn` module) runs :func:`knn_eval`;
+``esvit.eval.linear_probe(...)`` trains and evaluates a linear classifier.
+"""
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict", "preprocess"]
+from esvit.eval.features import (
+    FEATURE_MODES,
+    FeatureEncoder,
+    LabeledImages,
+    extract_features,
+    labeled_splits,
+    last_n_taps,
+    preprocess,
+    register_last_n,
+    resolve_eval_model,
+)
+from esvit.eval.knn import knn_accuracies, knn_accuracy, knn_eval, knn_neighbors, knn_predict
+from esvit.eval.linear import (
+    LinearClassifier,
+    linear_probe,
+    train_linear_lbfgs,
+    train_linear_sgd,
+)
+
+__all__ = [
+    "FEATURE_MODES",
+    "FeatureEncoder",
+    "LabeledImages",
+    "LinearClassifier",
+    "extract_features",
+    "knn_accuracies",
+    "knn_accuracy",
+    "knn_eval",
+    "knn_neighbors",
+    "knn_predict",
+    "labeled_splits",
+    "last_n_taps",
+    "linear_probe",
+    "preprocess",
+    "register_last_n",
+    "resolve_eval_model",
+    "train_linear_lbfgs",
+    "train_linear_sgd",
+]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,6 +19,8 @@ from torchvision.models import ResNet, SwinTransformer, VisionTransformer
 
 from esvit.backbones.registry import BackboneSpec
 from esvit.wrapper import NetWrapper
+
+log = logging.getLogger("esvit.eval")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -277,3 +286,331 @@ class FeatureEncoder(nn.Module):
         if self.feature == "pooled":
             return self.wrapper(x)[0]
         return self._last_n(self._capture(x, list(self.names)))
+
+
+# --------------------------------------------------------------------------- evaluation pipeline
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class EvalModel:
+    """A frozen feature encoder ready for evaluation.
+
+    Attributes:
+        encoder: :class:`FeatureEncoder` in eval mode on the evaluation device.
+        image_size: Evaluation resolution (images are resized to it).
+        source: Checkpoint path, or ``"<module>"`` for an in-memory model.
+        cache_token: JSON-able identity of weights + feature options (None: not cacheable).
+    """
+
+    encoder: FeatureEncoder
+    image_size: int
+    source: str
+    cache_token: dict[str, Any] | None
+
+
+def resolve_eval_model(
+    backbone: Any,
+    *,
+    checkpoint_key: str = "teacher",
+    backbone_name: str | None = None,
+    image_size: int | None = None,
+    feature: str = "pooled",
+    n_last: int | None = None,
+    avgpool: bool = False,
+    device: torch.device | None = None,
+) -> EvalModel:
+    """Build a frozen :class:`FeatureEncoder` from a checkpoint path or an in-memory model.
+
+    Args:
+        backbone: Checkpoint path (see :func:`esvit.export.load_backbone`), ``(net, spec)``,
+            or a :class:`FeatureEncoder` (``feature`` / ``n_last`` / ``avgpool`` then ignored).
+        checkpoint_key: ``"teacher"`` or ``"student"`` (training checkpoints).
+        backbone_name: Registry name for bare state dicts.
+        image_size: Evaluation resolution; default: recorded training global crop size, else
+            the backbone's ``image_size`` option, else 224.
+        feature: ``"pooled"`` or ``"last_n"``.
+        n_last: ``last_n``: number of blocks / stages.
+        avgpool: ``last_n`` ViT: append the mean patch token.
+        device: Evaluation device (default: CUDA when available).
+
+    Returns:
+        :class:`EvalModel`.
+    """
+    device = resolve_device(device)
+    token: dict[str, Any] | None = None
+    recorded: int | None = None
+    if isinstance(backbone, (str, os.PathLike)):
+        from esvit.export import load_backbone_info
+
+        path = Path(backbone)
+        info = load_backbone_info(path, backbone_name, checkpoint_key)
+        encoder = FeatureEncoder(info.net, info.spec, feature, n_last, avgpool)
+        recorded = info.image_size
+        st = path.stat()
+        source = str(path.resolve())
+        token = {"checkpoint": source, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 "key": info.checkpoint_key, "backbone": info.name,
+                 "backbone_kwargs": info.backbone_kwargs}
+    elif isinstance(backbone, FeatureEncoder):
+        encoder, source = backbone, "<module>"
+    elif isinstance(backbone, tuple) and len(backbone) == 2 and isinstance(backbone[0], nn.Module):
+        encoder = FeatureEncoder(backbone[0], backbone[1], feature, n_last, avgpool)
+        source = "<module>"
+    else:
+        raise TypeError("backbone must be a checkpoint path, a (net, spec) tuple or a "
+                        f"FeatureEncoder, got {type(backbone).__name__}")
+    size = int(image_size or recorded or 224)
+    if size < 1:
+        raise ValueError(f"image_size must be >= 1, got {size}")
+    encoder.eval().requires_grad_(False).to(device)
+    if token is not None:
+        token.update(feature=encoder.feature, n_last=encoder.n_last, avgpool=encoder.avgpool,
+                     image_size=size)
+    return EvalModel(encoder, size, source, token)
+
+
+def options_hash(options: Mapping[str, Any]) -> str:
+    """Short stable hash of a JSON-serialisable mapping (cache file names)."""
+    blob = json.dumps(options, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """DataLoader for evaluation (pinned memory only with CUDA; seeded shuffling)."""
+    g = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
+        drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def encode_dataset(
+    model: EvalModel,
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    flip: bool = False,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Features of every item ``(image uint8 (3, S, S), label, ...)`` of ``dataset``.
+
+    Returns:
+        ``features (N, D)`` float32 CPU, ``labels (N,)``, and with ``flip`` the features of the
+        horizontally flipped images ``(N, D)`` (else None).
+    """
+    from tqdm import tqdm
+
+    loader = make_loader(dataset, batch_size, num_workers)
+    feats: list[Tensor] = []
+    flipped: list[Tensor] = []
+    labels: list[Tensor] = []
+    bad: list[int] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, y = batch[0], torch.as_tensor(batch[1]).long()
+        if len(batch) > 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
+            ok = batch[2]
+            if not ok.all():
+                bad.extend(torch.as_tensor(batch[3])[~ok].tolist())
+                images, y = images[ok], y[ok]
+            if not len(y):
+                continue
+        x = preprocess(images.to(device, non_blocking=device.type == "cuda"), model.image_size)
+        feats.append(model.encoder(x).float().cpu())
+        if flip:
+            flipped.append(model.encoder(x.flip(-1)).float().cpu())
+        labels.append(y)
+    if bad:
+        names = getattr(dataset, "paths", None)
+        first = [str(names[i]) if names is not None else f"index {i}" for i in bad[:5]]
+        log.warning("%s: skipped %d unreadable image(s): %s%s", desc, len(bad), ", ".join(first),
+                    " ..." if len(bad) > 5 else "")
+    if not feats:
+        raise ValueError("no readable images to extract features from")
+    return torch.cat(feats), torch.cat(labels), (torch.cat(flipped) if flip else None)
+
+
+def cached_features(
+    model: EvalModel,
+    dataset: torch.utils.data.Dataset,
+    split: str,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    flip: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`encode_dataset` with an on-disk cache keyed by weights, data and options.
+
+    The cache file ``{cache_dir}/{split}_{hash}.pt`` is keyed by the checkpoint (path, size,
+    mtime, key), the feature options, the image size, the flip flag and the dataset's item list
+    (``dataset_identity``). Nothing is cached for in-memory models or without ``cache_dir``.
+    """
+    from esvit.train.checkpoint import CheckpointError, atomic_save, safe_load
+
+    key = None
+    path = None
+    identity = dataset_identity(dataset)
+    if cache_dir is not None and model.cache_token is not None and identity is not None:
+        key = {**model.cache_token, "split": split, "flip": flip, "data": identity}
+        path = Path(cache_dir) / f"{split}_{options_hash(key)}.pt"
+        if path.is_file():
+            try:
+                obj = safe_load(path)
+                if obj.get("key") == json.loads(json.dumps(key, default=str)):
+                    return obj["features"], obj["labels"], obj.get("flipped")
+            except (CheckpointError, KeyError) as e:
+                log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+    out = encode_dataset(model, dataset, device, batch_size, num_workers, flip, progress,
+                         desc=f"{split} features")
+    if path is not None and key is not None:
+        atomic_save({"key": json.loads(json.dumps(key, default=str)), "features": out[0],
+                     "labels": out[1], "flipped": out[2]}, path)
+    return out
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- labeled data
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """Images decoded to a ``uint8`` canvas with integer labels, for evaluation.
+
+    Item ``i`` is ``(image uint8 (3, S, S), label, ok, i)``. An unreadable file gives a black canvas
+    and ``ok=False`` (no substitute: evaluation drops such rows, see :func:`encode_dataset`).
+
+    Args:
+        paths: Image paths.
+        labels: Class index per path.
+        canvas_size: Decode size ``S``.
+    """
+
+    def __init__(self, paths: list[str], labels: list[int], canvas_size: int) -> None:
+        from esvit.data.folder import PathTable
+
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = PathTable(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.canvas_size = int(canvas_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, bool, int]:
+        from esvit.data.decode import BadImageError, load_image
+
+        try:
+            image, ok = load_image(self.paths[i], self.canvas_size), True
+        except BadImageError as e:
+            log.debug("%s", e)
+            image, ok = torch.zeros(3, self.canvas_size, self.canvas_size, dtype=torch.uint8), False
+        return image, int(self.labels[i]), ok, i
+
+
+def dataset_identity(dataset: torch.utils.data.Dataset) -> dict[str, Any] | None:
+    """JSON-able identity of a :class:`LabeledImages` (paths, labels, canvas); None otherwise."""
+    if not isinstance(dataset, LabeledImages):
+        return None
+    h = hashlib.sha1()
+    for p in dataset.paths:
+        h.update(os.fsencode(p) + b"\0")
+    h.update(dataset.labels.tobytes())
+    return {"n": len(dataset), "paths_labels": h.hexdigest(), "canvas_size": dataset.canvas_size}
+
+
+def labeled_splits(
+    train: str | Path,
+    val: str | Path | None,
+    val_split: int | None,
+    canvas_size: int,
+) -> tuple[LabeledImages, LabeledImages, list[str]]:
+    """Train / validation datasets from labeled image folders (or labeled list files).
+
+    Args:
+        train: Folder with one subfolder per class (or a ``path,label`` list file).
+        val: Validation folder / list with class names among ``train``'s; or None with
+            ``val_split``.
+        val_split: Hold out the last ``val_split`` images (sorted order) of every class of
+            ``train`` (deterministic).
+        canvas_size: Decode size.
+
+    Returns:
+        ``(train_ds, val_ds, classes)``; labels index ``classes`` (the train classes).
+
+    Raises:
+        ValueError: Unlabeled folder, no images, both or neither of ``val``/``val_split``,
+            unknown validation classes, or a class too small for ``val_split``.
+    """
+    from esvit.data.folder import scan_image_folder
+
+    if (val is None) == (val_split is None):
+        raise ValueError("give exactly one of val (a validation folder) and val_split "
+                         "(images held out per class of the training folder)")
+    paths, labels, classes = scan_image_folder(train)
+    if labels is None:
+        raise ValueError(f"{train} is not labeled: put the images in one subfolder per class "
+                         "(e.g. train/cat/*.jpg, train/dog/*.jpg)")
+    if val_split is not None:
+        if val_split < 1:
+            raise ValueError(f"val_split must be >= 1 images per class, got {val_split}")
+        by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(labels):
+            by_class.setdefault(y, []).append(i)
+        small = [f"{classes[c]} ({len(ix)})" for c, ix in sorted(by_class.items())
+                 if len(ix) <= val_split]
+        if small:
+            raise ValueError(f"val_split={val_split} needs more than {val_split} images in every "
+                             f"class; too small: {', '.join(small[:5])}")
+        held = {i for ix in by_class.values() for i in ix[-val_split:]}
+        tr = [i for i in range(len(paths)) if i not in held]
+        va = sorted(held)
+        return (LabeledImages([paths[i] for i in tr], [labels[i] for i in tr], canvas_size),
+                LabeledImages([paths[i] for i in va], [labels[i] for i in va], canvas_size),
+                list(classes))
+    v_paths, v_labels, v_classes = scan_image_folder(val)
+    if v_labels is None:
+        raise ValueError(f"{val} is not labeled: put the images in one subfolder per class")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(v_classes[y] for y in v_labels) - set(index))
+    if unknown:
+        raise ValueError(f"validation classes not in the training folder: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    mapped = [index[v_classes[y]] for y in v_labels]
+    return (LabeledImages(paths, labels, canvas_size), LabeledImages(v_paths, mapped, canvas_size),
+            list(classes))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_accuracies", "knn_accuracy", "knn_neighbors", "knn_predict"]
+__all__ = [
+    "knn_accuracies", "knn_accuracy", "knn_eval", "knn_neighbors", "knn_predict",
+]
 
 
 def _similarity(queries: Tensor, bank_chunk: Tensor) -> Tensor:
@@ -185,3 +191,112 @@ def knn_accuracies(
         scores = _vote(sim[:, :kk], idx[:, :kk], labels, c, temperature)
         out[int(k)] = _topk_accuracy(scores, test_labels, c)
     return out
+
+
+def knn_eval(
+    backbone: Any,
+    train: str | Path,
+    val: str | Path | None = None,
+    *,
+    val_split: int | None = None,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    checkpoint_key: str = "teacher",
+    backbone_name: str | None = None,
+    image_size: int | None = None,
+    canvas_size: int | None = None,
+    feature: str = "pooled",
+    n_last: int | None = None,
+    avgpool: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    output_dir: str | Path | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """kNN evaluation of a frozen backbone on labeled image folders (DINO protocol).
+
+    Also callable as ``esvit.eval.knn(...)`` (the module is callable).
+
+    Args:
+        backbone: Checkpoint path (training checkpoint, export, or bare state dict with
+            ``backbone_name``), ``(net, spec)``, or a :class:`~esvit.eval.features.FeatureEncoder`.
+        train: Image folder with one subfolder per class (the feature bank).
+        val: Query folder with the same class names; or ``val_split``.
+        val_split: Hold out the last ``val_split`` images of every class of ``train``.
+        ks: Neighbour counts.
+        temperature: Vote temperature.
+        checkpoint_key: ``"teacher"`` or ``"student"``.
+        backbone_name: Registry name for bare state dicts.
+        image_size: Evaluation resolution (default: recorded training size, else 224).
+        canvas_size: Decode size (default ``image_size``).
+        feature: ``"pooled"`` or ``"last_n"``.
+        n_last: ``last_n`` blocks / stages.
+        avgpool: ``last_n`` ViT: append the mean patch token.
+        batch_size: Feature extraction batch size.
+        num_workers: DataLoader workers.
+        device: Device (default: CUDA when available).
+        output_dir: Writes ``knn_results.json`` and (with ``cache``) the feature cache.
+        cache: Cache features in ``output_dir`` (checkpoint paths only).
+        progress: Show tqdm bars.
+
+    Returns:
+        ``{"knn": {"10": {"top1", "top5"}, ...}, "n_train", "n_val", "num_classes",
+        "feature_dim", "temperature", ...}`` (accuracies in percent).
+    """
+    from esvit.eval.features import (
+        cached_features,
+        labeled_splits,
+        resolve_device,
+        resolve_eval_model,
+    )
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive neighbour counts, got {list(ks)}")
+    dev = resolve_device(device)
+    model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
+                               image_size=image_size, feature=feature, n_last=n_last,
+                               avgpool=avgpool, device=dev)
+    tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
+    out_dir = Path(output_dir) if output_dir is not None else None
+    cache_dir = out_dir / "features" if (out_dir is not None and cache) else None
+    tr_x, tr_y, _ = cached_features(model, tr_ds, "train", dev, batch_size, num_workers,
+                                    cache_dir=cache_dir, progress=progress)
+    va_x, va_y, _ = cached_features(model, va_ds, "val", dev, batch_size, num_workers,
+                                    cache_dir=cache_dir, progress=progress)
+    if dev.type == "cuda":
+        tr_x, tr_y = tr_x.to(dev), tr_y.to(dev)
+    accs = knn_accuracies(tr_x, tr_y, va_x, va_y, ks=ks, temperature=temperature,
+                          num_classes=len(classes))
+    results: dict[str, Any] = {
+        "knn": {str(k): v for k, v in accs.items()},
+        "temperature": temperature,
+        "n_train": int(tr_x.shape[0]),
+        "n_val": int(va_x.shape[0]),
+        "num_classes": len(classes),
+        "feature_dim": int(tr_x.shape[1]),
+        "feature": model.encoder.feature,
+        "n_last": model.encoder.n_last or None,
+        "avgpool": model.encoder.avgpool,
+        "image_size": model.image_size,
+        "checkpoint": model.source,
+    }
+    if out_dir is not None:
+        from esvit.eval.features import write_json
+
+        write_json(results, out_dir / "knn_results.json")
+        results["output_dir"] = str(out_dir)
+    return results
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``esvit.eval.knn(...)`` run :func:`knn_eval` while the module stays importable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return knn_eval(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from esvit.config import Config, ConfigError, config_to_dict, save_config
-from esvit.data import BadImageCounter, build_dataset, build_loader
+from esvit.data import BadImageCounter, build_dataset
+from esvit.data.sampler import EpochBlockSampler
 from esvit.schedules import Schedules
 from esvit.train import checkpoint as ckpt
 from esvit.train.distributed import DistInfo, all_true, barrier, init_distributed
@@ -210,9 +212,9 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
         synthetic_images=cfg.data.synthetic_images, synthetic_classes=cfg.data.synthetic_classes,
         seed=cfg.seed,
     )
-    loader = build_loader(dataset, micro_batch, cfg.data.num_workers, shuffle=True, seed=cfg.seed,
-                          drop_last=True, distributed=info.distributed)
-    batches_per_epoch = len(loader)
+    sampler = EpochBlockSampler(len(dataset), micro_batch, info.rank, info.world_size, seed=cfg.seed)
+    loader = build_loader(dataset, sampler, micro_batch, cfg.data.num_workers)
+    batches_per_epoch = sampler.batches_per_epoch
     steps_per_epoch = batches_per_epoch // o.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f"dataset has {len(dataset)} images: too few for one step of optim.batch_size="
@@ -220,7 +222,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     bad_counter = BadImageCounter(cfg.data.max_bad_fraction, getattr(dataset, "paths", None))
 
     # ---- model, optimiser, schedules
-    trainer = build_trainer(cfg, seed=cfg.seed * 1000 + info.rank).to(device)
+    trainer = build_trainer(cfg, seed=cfg.seed).to(device)
+    trainer.set_shard(info.rank, info.world_size)
     if info.distributed:
         ddp = DDP(trainer.student, device_ids=[device.index] if device.type == "cuda" else None)
         trainer.set_student_forward(ddp)
@@ -261,8 +264,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
         while step < total_steps:
             epoch = step // steps_per_epoch
             loader.sampler.set_epoch(epoch)
-            skip = (step - epoch * steps_per_epoch) * o.accum_steps
-            it = _iter_from(loader, skip)
+            loader.sampler.set_start((step - epoch * steps_per_epoch) * o.accum_steps)
+            it = iter(loader)
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 if step >= total_steps:
                     break
@@ -292,6 +295,7 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                         (scaler.scale(loss_scaled) if scaler is not None else loss_scaled).backward()
                     for k, v in out.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + float(v.detach()) / o.accum_steps
+                step_metrics = _mean_over_ranks(step_metrics, device, info)
                 if scaler is not None:
                     scaler.unscale_(opt)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), o.clip_grad)
@@ -341,17 +345,23 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     return TrainResult(out_dir, step, last_ckpt, losses)
 
 
-def _iter_from(loader: Any, skip: int):
-    """Iterator over ``loader`` starting at batch ``skip`` of the current epoch."""
-    if skip and hasattr(loader.sampler, "set_start"):
-        loader.sampler.set_start(skip * loader.batch_size)
-        it = iter(loader)
-        loader.sampler.set_start(0)
-        return it
-    it = iter(loader)
-    for _ in range(skip):
-        next(it)
-    return it
+def build_loader(dataset: Any, sampler: EpochBlockSampler, batch_size: int, num_workers: int) -> DataLoader:
+    """DataLoader over uint8 canvases; pinned memory and persistent workers only where useful."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
+    """Average scalar metrics over ranks (the global-batch value, as one process would see it)."""
+    if not info.distributed:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def _warn_collapse(metrics: dict[str, float], out_dim: int, step: int) -> bool:

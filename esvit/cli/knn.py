@@ -1,0 +1,60 @@
+"""``esvit-knn``: weighted kNN evaluation of a frozen backbone on labeled image folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    """``--train/--data``, ``--val`` and ``--val-split``."""
+    p.add_argument("--train", "--data", dest="train", required=True,
+                   help="training image folder (one subfolder per class)")
+    p.add_argument("--val", help="validation image folder (same class names)")
+    p.add_argument("--val-split", type=int,
+                   help="instead of --val: hold out the last N images of every class of --train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``esvit-knn``."""
+    p = argparse.ArgumentParser(prog="esvit-knn",
+                                description="Weighted kNN (DINO protocol) on frozen features.")
+    add_backbone_args(p)
+    add_split_args(p)
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
+    p.add_argument("--output-dir", help="write knn_results.json and the feature cache here")
+    p.add_argument("--no-cache", action="store_true", help="do not cache features")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    from esvit.cli.common import run_cli, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def _run() -> int:
+        from esvit.eval.knn import knn_eval
+
+        res = knn_eval(args.checkpoint, args.train, args.val, val_split=args.val_split,
+                       ks=tuple(args.ks), temperature=args.temperature,
+                       batch_size=args.batch_size, output_dir=args.output_dir,
+                       cache=not args.no_cache, **backbone_kwargs(args))
+        for k, acc in res["knn"].items():
+            top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
+            print(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}")
+        if args.verbose:
+            print(json.dumps(res, indent=2))
+        return 0
+
+    return run_cli(_run, known_errors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""End-to-end training runs on the debug config: resume exactness, NaN handling, CLI, torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from esvit.cli.train import main as train_main
+from esvit.config import load_config
+from esvit.train import checkpoint as ckpt
+from esvit.train.logger import read_metrics
+from esvit.train.loop import NonFiniteLossError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug_cpu.yaml"
+FAST = ["data.synthetic_images=64", "optim.batch_size=16", "model.out_dim=256", "logging.progress=false"]
+
+
+def cfg(tmp_path: Path, *extra: str):
+    return load_config(DEBUG, [*FAST, f"logging.output_dir={tmp_path}", *extra])
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
+    straight = train(cfg(tmp_path / "a"))
+    first = train(cfg(tmp_path / "b", "optim.epochs=2"), max_steps=straight.step // 2)
+    assert first.last_checkpoint is not None and first.step == straight.step // 2
+    second = train(cfg(tmp_path / "b"), resume="auto")
+    assert second.step == straight.step == 8
+    resumed = first.losses + second.losses
+    assert len(resumed) == len(straight.losses)
+    assert max(abs(a - b) for a, b in zip(resumed, straight.losses, strict=True)) <= 1e-6
+    a = ckpt.safe_load(straight.last_checkpoint)
+    b = ckpt.safe_load(second.last_checkpoint)
+    for k, v in a["teacher"].items():
+        assert torch.allclose(v, b["teacher"][k], atol=1e-6), k
+    # the metrics file of the resumed run has each step once
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == sorted(set(steps))
+
+
+def test_run_writes_config_metrics_and_checkpoints(tmp_path: Path) -> None:
+    res = train(cfg(tmp_path, "checkpoint.keep_last=1"))
+    assert (tmp_path / "config.yaml").is_file()
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"loss", "lr", "teacher_entropy", "images_per_s"} <= set(recs[-1])
+    assert ckpt.list_checkpoints(tmp_path) == [res.last_checkpoint]
+    state = torch.load(res.last_checkpoint, weights_only=True)
+    assert state["step"] == res.step and "optimizer" in state and "rng" in state
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path: Path) -> None:
+    train(cfg(tmp_path), max_steps=4)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        train(cfg(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    good = train(cfg(tmp_path, "optim.epochs=4"), max_steps=4)
+    before = good.last_checkpoint.read_bytes()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        train(cfg(tmp_path, "optim.epochs=4", "optim.lr=1e30", "optim.warmup_epochs=0", "optim.clip_grad=0"),
+              resume="auto")
+    assert ckpt.list_checkpoints(tmp_path) == [good.last_checkpoint]
+    assert good.last_checkpoint.read_bytes() == before
+
+
+def test_resume_from_other_architecture_names_keys(tmp_path: Path) -> None:
+    train(cfg(tmp_path), max_steps=2)
+    with pytest.raises(ckpt.CheckpointError, match="missing keys|unexpected keys|shape mismatches"):
+        train(cfg(tmp_path, "model.backbone=cifar_resnet18", "model.backbone_kwargs={}"), resume="auto")
+
+
+def test_cli_without_data_explains(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert train_main([f"logging.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "debug_cpu.yaml" in err
+
+
+def test_cli_bad_override_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--config", str(DEBUG), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "optim.lrr" in err and "\n" not in err
+
+
+def test_cli_debug_config_end_to_end(tmp_path: Path) -> None:
+    rc = train_main(["--config", str(DEBUG), "--output-dir", str(tmp_path), *FAST])
+    assert rc == 0 and ckpt.list_checkpoints(tmp_path)
+
+
+def _torchrun(nproc: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           str(ROOT / "train_ssl.py"), "--config", str(DEBUG), *FAST, f"logging.output_dir={out}", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_single_process_first_loss(tmp_path: Path) -> None:
+    """2 gloo ranks x 8 images and 1 rank x 16 images see the same 16 images at step 1."""
+    one = _torchrun(1, tmp_path / "one", "--max-steps", "1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1 = read_metrics(tmp_path / "one" / "metrics.jsonl")[0]
+    l2 = read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
+    assert l1["step"] == l2["step"] == 1
+    assert abs(l1["loss"] - l2["loss"]) < 1e-4 or pytest.fail(f"{l1['loss']} vs {l2['loss']}")
+    assert ckpt.list_checkpoints(tmp_path / "two")
