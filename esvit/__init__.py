@@ -21,18 +21,25 @@ _LAZY = {
     "Schedules": "esvit.schedules",
     "Config": "esvit.config",
     "load_config": "esvit.config",
+    "load_backbone": "esvit.export",
+    "export_backbone": "esvit.export",
+    "linear_probe": "esvit.eval",
+    "knn_eval": "esvit.eval",
 }
 
 __all__ = [
     "BackboneSpec", "Config", "DINOHead", "EsViTModel", "EsViTTrainer", "MultiCropAugmentation",
     "NetWrapper", "RegionLoss", "Schedules", "ViewLoss", "build_backbone", "list_backbones",
-    "load_config", "register_backbone",
+    "load_config", "register_backbone", "load_backbone", "export_backbone", "linear_probe", "knn_eval",
+    "embed",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from esvit.augment import MultiCropAugmentation
     from esvit.backbones import BackboneSpec, build_backbone, list_backbones, register_backbone
     from esvit.config import Config, load_config
+    from esvit.eval import knn_eval, linear_probe
+    from esvit.export import export_backbone, load_backbone
     from esvit.heads import DINOHead
     from esvit.losses import RegionLoss, ViewLoss
     from esvit.model import EsViTModel
@@ -43,6 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def __getattr__(name: str) -> Any:
     """Import public names lazily so ``import esvit`` stays fast."""
+    if name == "embed":  # the callable module esvit.embed (``esvit.embed(...)`` extracts embeddings)
+        import importlib
+
+        return importlib.import_module("esvit.embed")
     if name in _LAZY:
         import importlib
 

@@ -129,9 +129,16 @@ def _tmp_path(final: Path) -> Path:
     return Path(tmp)
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600 files; outputs follow the umask
     os.replace(tmp, final)
 
 
@@ -236,12 +243,33 @@ def _check_format(fmt: str) -> None:
                              "pip install safetensors (or use --format npy / pt)") from None
 
 
+_FILE_MODE = _file_mode()
+
+
 # --------------------------------------------------------------------------- main entry
 
 
-def _batches(order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for s in range(0, len(order), batch_size):
-        yield list(order[s:s + batch_size])
+class _ShardBatches:
+    """Batch sampler over the pending shards; a batch never straddles two shards (O(1) memory)."""
+
+    def __init__(self, shards: Sequence[int], shard_size: int, n: int, batch_size: int) -> None:
+        self.shards, self.shard_size, self.n, self.batch_size = list(shards), shard_size, n, batch_size
+
+    def _range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for shard in self.shards:
+            r = self._range(shard)
+            for s in range(r.start, r.stop, self.batch_size):
+                yield list(range(s, min(s + self.batch_size, r.stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-len(self._range(i)) // self.batch_size) for i in self.shards)
+
+    def num_images(self) -> int:
+        """Images in the pending shards."""
+        return sum(len(self._range(i)) for i in self.shards)
 
 
 def _manifest_settings(**kw: Any) -> dict[str, Any]:
@@ -353,15 +381,11 @@ def embed_images(
     if skipped:
         log.info("resuming: %d of %d shards already done", skipped, n_shards)
 
-    order = [j for i in pending for j in range(i * shard_size, min((i + 1) * shard_size, len(paths)))]
-    batch_lists: list[list[int]] = []
-    for i in pending:
-        idx = list(range(i * shard_size, min((i + 1) * shard_size, len(paths))))
-        batch_lists.extend(_batches(idx, batch_size))
+    batches = _ShardBatches(pending, shard_size, len(paths), batch_size)
     dataset = _ImageList(paths, canvas)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
-    bar = tqdm(total=len(order), desc="embedding", unit="img", disable=not progress)
+    bar = tqdm(total=batches.num_images(), desc="embedding", unit="img", disable=not progress)
     writers: dict[str, _RowWriter] = {}
     cur = -1
     cur_rows: list[int] = []

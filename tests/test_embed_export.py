@@ -13,7 +13,7 @@ from esvit.export import export_backbone, load_backbone, load_backbone_info
 from esvit.train.checkpoint import CheckpointError, atomic_save
 from esvit.trainer import EsViTTrainer
 
-BACKBONES = {"cifar_resnet18": {}, "vit_tiny": {"depth": 6}}
+BACKBONES = {"cifar_resnet18": {}, "vit_tiny": {"depth": 2}}
 
 
 def make_training_checkpoint(path: Path, name: str, kwargs: dict, perturb_student: bool = True
@@ -77,12 +77,12 @@ def test_load_backbone_wrong_architecture_names_keys(resnet_ckpt, tmp_path):
     path, trainer = resnet_ckpt
     # recorded name contradicts the requested one
     with pytest.raises(CheckpointError, match="'vit_tiny' was requested"):
-        load_backbone(path, backbone="vit_tiny", backbone_kwargs={"depth": 6})
+        load_backbone(path, backbone="vit_tiny", backbone_kwargs={"depth": 2})
     # bare state dict of a ResNet loaded as a ViT: the error lists mismatched keys
     bare = tmp_path / "bare.pt"
     torch.save(trainer.teacher.backbone.net.state_dict(), bare)
     with pytest.raises(CheckpointError, match=r"missing keys \(first: class_token") as e:
-        load_backbone(bare, backbone="vit_tiny", backbone_kwargs={"depth": 6})
+        load_backbone(bare, backbone="vit_tiny", backbone_kwargs={"depth": 2})
     assert "unexpected keys (first: conv1.weight" in str(e.value)
     # a bare state dict without a backbone name is refused with a hint
     with pytest.raises(CheckpointError, match="pass backbone="):
@@ -97,7 +97,7 @@ def test_load_backbone_wrong_architecture_names_keys(resnet_ckpt, tmp_path):
 
 def test_load_backbone_shape_mismatch(tmp_path):
     path = tmp_path / "vit.pt"
-    make_training_checkpoint(path, "vit_tiny", {"depth": 6}, perturb_student=False)
+    make_training_checkpoint(path, "vit_tiny", {"depth": 2}, perturb_student=False)
     with pytest.raises(CheckpointError, match="shape mismatches .*pos_embedding"):
         load_backbone(path, backbone_kwargs={"image_size": 64})
 

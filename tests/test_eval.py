@@ -93,7 +93,7 @@ def test_knn_rejects_bad_input(knn_data):
 
 @pytest.mark.parametrize(
     "name,kwargs,n_default,dim_default",
-    [("vit_tiny", {"depth": 6}, 4, 4 * 192), ("cifar_resnet18", {}, 2, 256 + 512),
+    [("vit_tiny", {"depth": 4}, 4, 4 * 192), ("cifar_resnet18", {}, 2, 256 + 512),
      ("swin_tiny_cifar", {}, 2, 192 + 384)],
 )
 def test_feature_encoder_last_n(name, kwargs, n_default, dim_default):
@@ -117,7 +117,7 @@ def test_feature_encoder_last_n(name, kwargs, n_default, dim_default):
 
 def test_feature_encoder_vit_avgpool_and_errors():
     torch.manual_seed(0)
-    net, spec = build_backbone("vit_tiny", depth=6)
+    net, spec = build_backbone("vit_tiny", depth=2)
     net.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -331,6 +331,8 @@ def test_cli_knn_smoke(folder, ckpt, capsys):
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("k=   1  top-1 100.00%") and lines[1].startswith("k=   3")
+    saved = json.loads((ckpt.parent / "knn_eval" / "knn_results.json").read_text())
+    assert saved["knn"]["1"]["top1"] == pytest.approx(100.0) and saved["n_val"] == 30
 
 
 def test_cli_errors_are_one_line(folder, ckpt, tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_cli_debug_config_end_to_end(tmp_path: Path) -> None:
 
 def _torchrun(nproc: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train_ssl.py"), "--config", str(DEBUG), *FAST, f"logging.output_dir={out}", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -203,7 +203,7 @@ def _vit_tiny_equivalent(image_size: int = 32, depth: int = 12, patch_size: int 
 def vit_tiny(
     image_size: int = 32, depth: int = 12, patch_size: int = 4
 ) -> tuple[nn.Module, BackboneSpec]:
-    """ViT-Tiny for small images: patch 4, dim 192, 3 heads, MLP 768, ``depth`` in [6, 12]."""
+    """ViT-Tiny for small images: patch 4, dim 192, 3 heads, MLP 768, ``depth`` in [1, 24] (6-12 standard)."""
     _check_depth(depth)
     return flexible_vit("vit_tiny", image_size, patch_size, depth, 3, 192, 768)
 
@@ -219,6 +219,20 @@ def _vit_small_cifar_equivalent(
 def vit_small_cifar(
     image_size: int = 32, depth: int = 12, patch_size: int = 4
 ) -> tuple[nn.Module, BackboneSpec]:
-    """ViT-Small for small images: patch 4, dim 384, 6 heads, MLP 1536, ``depth`` in [6, 12]."""
+    """ViT-Small for small images: patch 4, dim 384, 6 heads, MLP 1536, ``depth`` in [1, 24] (6-12 standard)."""
     _check_depth(depth)
     return flexible_vit("vit_small_cifar", image_size, patch_size, depth, 6, 384, 1536)
+
+
+def _vit_nano_equivalent(image_size: int = 32, depth: int = 2, patch_size: int = 8) -> nn.Module:
+    _check_depth(depth)
+    return torchvision_vit(image_size, patch_size, depth, 2, 64, 128)
+
+
+@register_backbone("vit_nano", equivalent=_vit_nano_equivalent)
+def vit_nano(
+    image_size: int = 32, depth: int = 2, patch_size: int = 8
+) -> tuple[nn.Module, BackboneSpec]:
+    """A very small ViT for smoke tests and debug runs: patch 8, dim 64, 2 heads, MLP 128."""
+    _check_depth(depth)
+    return flexible_vit("vit_nano", image_size, patch_size, depth, 2, 64, 128)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
-    p.add_argument("--output-dir", help="write knn_results.json and the feature cache here")
+    p.add_argument("--output-dir",
+                   help="knn_results.json and feature cache (default: <checkpoint dir>/knn_eval)")
     p.add_argument("--no-cache", action="store_true", help="do not cache features")
     return p
 
@@ -42,15 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from esvit.eval.knn import knn_eval
 
+        out_dir = args.output_dir or str(Path(args.checkpoint).parent / "knn_eval")
         res = knn_eval(args.checkpoint, args.train, args.val, val_split=args.val_split,
                        ks=tuple(args.ks), temperature=args.temperature,
-                       batch_size=args.batch_size, output_dir=args.output_dir,
+                       batch_size=args.batch_size, output_dir=out_dir,
                        cache=not args.no_cache, **backbone_kwargs(args))
         for k, acc in res["knn"].items():
             top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
             print(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}")
-        if args.verbose:
-            print(json.dumps(res, indent=2))
+        print(f"results: {Path(out_dir) / 'knn_results.json'}")
         return 0
 
     return run_cli(_run, known_errors())

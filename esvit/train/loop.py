@@ -204,13 +204,12 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     if resume is None and ckpt.list_checkpoints(out_dir):
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume auto to continue that run, "
                               "or choose another logging.output_dir")
-    torch.manual_seed(cfg.seed + info.rank)
 
     # ---- data: workers decode to a uint8 canvas; all augmentation runs on `device`
     dataset = build_dataset(
         cfg.data.kind, cfg.data.path, cfg.data.canvas_size,
         synthetic_images=cfg.data.synthetic_images, synthetic_classes=cfg.data.synthetic_classes,
-        seed=cfg.seed,
+        seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
     )
     sampler = EpochBlockSampler(len(dataset), micro_batch, info.rank, info.world_size, seed=cfg.seed)
     loader = build_loader(dataset, sampler, micro_batch, cfg.data.num_workers)
@@ -222,7 +221,9 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     bad_counter = BadImageCounter(cfg.data.max_bad_fraction, getattr(dataset, "paths", None))
 
     # ---- model, optimiser, schedules
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (teacher = student copy)
     trainer = build_trainer(cfg, seed=cfg.seed).to(device)
+    torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout / drop-path
     trainer.set_shard(info.rank, info.world_size)
     if info.distributed:
         ddp = DDP(trainer.student, device_ids=[device.index] if device.type == "cuda" else None)
