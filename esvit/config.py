@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -308,13 +311,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return validate(_from_dict(Config, data or {}, ""))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build any (nested) config dataclass from a dict; unknown keys / wrong types raise
+    :class:`ConfigError` naming the dotted key. Other tools (e.g. distillation) reuse this."""
+    return _from_dict(cls, data or {}, "")
 
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ConfigError: Unknown key, wrong type or invalid value (message names the key and file).
-    """
+
+def load_yaml_config(
+    cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+    validator: Callable[[T], T] | None = None,
+) -> T:
+    """Load a YAML file into dataclass ``cls`` with dotted overrides and an optional validator."""
+    data = _read_yaml(path)
+    apply_overrides(data, overrides or [])
+    try:
+        cfg = dataclass_from_dict(cls, data)
+        return validator(cfg) if validator is not None else cfg
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -326,11 +343,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
-    apply_overrides(data, overrides or [])
-    try:
-        return config_from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ConfigError: Unknown key, wrong type or invalid value (message names the key and file).
+    """
+    return load_yaml_config(Config, path, overrides, validate)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -346,6 +369,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved configuration as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
