@@ -8,6 +8,7 @@ dotted key; ``save_config`` writes the resolved configuration beside the run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -339,8 +340,11 @@ def _read_yaml(path: str | Path | None) -> dict[str, Any]:
             raise FileNotFoundError(f"config file not found: {p}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        except yaml.YAMLError as e:  # one line: where and what (PyYAML's text spans several)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{p}: invalid YAML{where}: {what}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -370,5 +374,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved configuration as YAML (temp file + rename: a killed run never leaves
+    a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

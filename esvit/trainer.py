@@ -47,6 +47,9 @@ class EsViTTrainer(nn.Module):
         augment: A custom augmentation module (``uint8 (b,3,H,W) -> list of views``); built
             from the crop arguments when None.
         seed: Seed of the augmentation's random generator.
+        channels_last: Run convolutional backbones in NHWC memory format (faster with
+            oneDNN/cuDNN). None: on when the backbone has more than one ``Conv2d``
+            (CNNs), off for ViTs whose only convolution is the patch embedding.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class EsViTTrainer(nn.Module):
         region_loss: bool = True,
         augment: nn.Module | None = None,
         seed: int | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         if n_local < 0:
@@ -83,9 +87,12 @@ class EsViTTrainer(nn.Module):
             global_scale=global_scale, local_scale=local_scale, seed=seed,
         )
         wrapper = NetWrapper(net, layer, layout, pool=pool, num_prefix_tokens=num_prefix_tokens)
+        if channels_last is None:
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in net.modules()) > 1
         self.student = EsViTModel.build(
             wrapper, global_size, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
             use_bn=use_bn_in_head, norm_last_layer=norm_last_layer, region=region_loss,
+            channels_last=channels_last,
         )
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():

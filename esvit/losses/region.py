@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esvit.losses.center import Center
-from esvit.losses.view import student_log_probs, teacher_probs
+from esvit.losses.view import cross_entropy_to_targets, teacher_probs
 
 
 @torch.no_grad()
@@ -78,13 +78,17 @@ class RegionLoss(nn.Module):
         q = [teacher_probs(t, center, teacher_temp) for t in teacher_out]
         total = student_out[0].new_zeros((), dtype=torch.float32)
         for v, (s_out, s_feat) in enumerate(zip(student_out, student_feat, strict=True)):
-            log_p = student_log_probs(s_out, self.student_temp)  # (b, n_v, K)
+            # sum over the other teacher views of the matched teacher token distributions
+            target, m = None, 0
             for i in range(n_t):
                 if i == v:
                     continue
                 idx = match_regions(s_feat, teacher_feat[i])  # (b, n_v)
-                q_matched = torch.gather(q[i], 1, idx.unsqueeze(-1).expand(-1, -1, q[i].shape[-1]))
-                total = total - (q_matched * log_p).sum(dim=-1).mean()
+                matched = torch.gather(q[i], 1, idx.unsqueeze(-1).expand(-1, -1, q[i].shape[-1]))
+                target = matched if target is None else target.add_(matched)
+                m += 1
+            if m > 0:
+                total = total + cross_entropy_to_targets(s_out, target, self.student_temp).mean()
         return total / (n_t * (n_s - 1))
 
     @torch.no_grad()

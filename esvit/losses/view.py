@@ -33,6 +33,24 @@ def student_log_probs(student_output: Tensor, student_temp: float) -> Tensor:
     return F.log_softmax(student_output.float() / student_temp, dim=-1)
 
 
+def cross_entropy_to_targets(student_output: Tensor, target_sum: Tensor, student_temp: float) -> Tensor:
+    """Summed cross-entropy of several teacher distributions against one student output.
+
+    ``sum_j CE(q_j, s) = -<sum_j q_j, log_softmax(s / tau_s)>``: the targets of one student row
+    are summed first, so the large ``(..., K)`` student output is read by one fused
+    ``log_softmax`` and one dot product however many teacher views it is compared with.
+
+    Args:
+        student_output: Student logits ``(..., K)`` (any float dtype; computed in float32).
+        target_sum: Sum of the teacher distributions for each row, ``(..., K)``.
+        student_temp: Student temperature ``tau_s``.
+
+    Returns:
+        Per-row summed cross-entropy ``(...)`` in float32.
+    """
+    return -(target_sum * student_log_probs(student_output, student_temp)).sum(dim=-1)
+
+
 class ViewLoss(nn.Module):
     """DINO view-level loss over all (teacher global view i, student view v != i) pairs.
 
@@ -71,13 +89,14 @@ class ViewLoss(nn.Module):
         if n_t < 1 or n_s < 2 or n_s < n_t:
             raise ValueError(f"need >=1 teacher view and >=2 student views (>= teacher views), got {n_t}, {n_s}")
         center = self.center.center
-        log_p = [student_log_probs(s, self.student_temp) for s in student_out]
-        # sum over all student views once, then remove the matching view for each teacher view
-        log_p_sum = torch.stack(log_p).sum(dim=0)
+        q = [teacher_probs(t, center, teacher_temp) for t in teacher_out]
+        q_all = torch.stack(q).sum(dim=0) if n_t > 1 else q[0]
         total = student_out[0].new_zeros((), dtype=torch.float32)
-        for i, t in enumerate(teacher_out):
-            q = teacher_probs(t, center, teacher_temp)
-            total = total - (q * (log_p_sum - log_p[i])).sum(dim=-1).mean()
+        for v, s in enumerate(student_out):
+            # every teacher view except the one showing the same crop as student view v
+            target, m = (q_all - q[v], n_t - 1) if v < n_t else (q_all, n_t)
+            if m > 0:
+                total = total + cross_entropy_to_targets(s, target, self.student_temp).mean()
         return total / (n_t * (n_s - 1))
 
     @torch.no_grad()

@@ -119,7 +119,18 @@ def save_checkpoint(
     """Gather RNG states from all ranks; rank 0 writes the checkpoint atomically and prunes.
 
     Every rank must call this (it gathers and synchronises); all ranks get the path back.
+
+    Raises:
+        NonFiniteLossError: The student or teacher holds NaN/inf weights (nothing is written, so
+            the previous checkpoint stays the last good one).
     """
+    device = next(trainer.student.parameters()).device
+    if not all_true(_weights_finite(trainer), device):
+        raise NonFiniteLossError(
+            f"non-finite weights after step {step}: not writing a checkpoint (the newest checkpoint in "
+            f"{out_dir} is the last good one). Lower optim.lr or keep optim.clip_grad > 0, then resume "
+            "with --resume auto."
+        )
     rng = _gather_rng(trainer, info)
     path = ckpt.checkpoint_path(out_dir, step)
     if info.is_main:
@@ -142,6 +153,16 @@ def save_checkpoint(
         log.info("saved %s", path)
     barrier()
     return path
+
+
+def _weights_finite(trainer: EsViTTrainer) -> bool:
+    """True when every floating-point tensor of the student and teacher state is finite."""
+    return all(
+        bool(torch.isfinite(v).all())
+        for module in (trainer.student, trainer.teacher)
+        for v in module.state_dict().values()
+        if v.is_floating_point()
+    )
 
 
 def load_checkpoint_into(
@@ -172,7 +193,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     import json
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:
+            rec = None
+            log.warning("dropping a malformed line of %s (written by a killed run?)", path)
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -191,6 +220,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     Returns:
         :class:`TrainResult` with the final step, last checkpoint and this process's losses.
     """
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {resume} (pass 'auto' or a checkpoint_*.pt file)")
     info, device = init_distributed(cfg.device)
     out_dir = Path(cfg.logging.output_dir)
     o = cfg.optim
@@ -198,9 +229,6 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
         raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by world_size "
                           f"({info.world_size}) x optim.accum_steps ({o.accum_steps})")
     micro_batch = o.batch_size // (info.world_size * o.accum_steps)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     if resume is None and ckpt.list_checkpoints(out_dir):
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume auto to continue that run, "
                               "or choose another logging.output_dir")
@@ -248,6 +276,9 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                 _truncate_metrics(out_dir / "metrics.jsonl", step)
         elif info.is_main:
             log.info("no checkpoint in %s: starting a fresh run", out_dir)
+    if info.is_main:  # only now: a refused or failed resume leaves the run's config.yaml alone
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     logger = MetricLogger(out_dir, cfg.logging.wandb, cfg.logging.wandb_project, run_id,
                           config_to_dict(cfg), active=info.is_main)
 
@@ -288,7 +319,7 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                         loss = out["loss"]
                         if not all_true(bool(torch.isfinite(loss).item()), device):
                             raise NonFiniteLossError(
-                                f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}); stopping without "
+                                f"non-finite loss ({loss.item()}) at step {step + 1} (epoch {epoch}); stopping without "
                                 f"saving. Last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr, check the "
                                 "data, or keep optim.clip_grad > 0, then resume with --resume auto."
                             )
@@ -301,6 +332,12 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                     scaler.unscale_(opt)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), o.clip_grad)
                              if o.clip_grad > 0 else None)
+                if grad_norm is not None and scaler is None and not torch.isfinite(grad_norm):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm ({float(grad_norm)}) at step {step + 1} (epoch {epoch}); "
+                        f"stopping before the update. Last good checkpoint: {last_ckpt or 'none'}. Lower "
+                        "optim.lr or check the data, then resume with --resume auto."
+                    )
                 if vals.freeze_last_layer:
                     trainer.cancel_last_layer_gradients()
                 if scaler is not None:
@@ -331,6 +368,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
                     last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
             epoch_done = step % steps_per_epoch == 0
+            if epoch_done:
+                bad_counter.finalize()  # checks the limit even below the counter's min_samples
             if epoch_done and step < total_steps:
                 e = step // steps_per_epoch
                 if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0:
@@ -338,6 +377,11 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                 if cfg.knn.every_epochs and e % cfg.knn.every_epochs == 0:
                     _knn_monitor(cfg, trainer, device, info, logger, step)
         bad_counter.finalize()
+        if bad_counter.bad:
+            log.warning("%d of %d samples (%.2f%%) were unreadable images replaced by substitutes "
+                        "(data.max_bad_fraction=%g); first: %s", bad_counter.bad, bad_counter.seen,
+                        100 * bad_counter.fraction, bad_counter.max_bad_fraction,
+                        "; ".join(bad_counter.first_bad) or "unknown")
         if last_ckpt != ckpt.checkpoint_path(out_dir, step):
             last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
     finally:
