@@ -321,7 +321,7 @@ def test_cached_teacher_logits_and_linear_teacher(tmp_path: Path, tiny_data: dic
 
     # a backbone "pretrained here" (bare state dict) + the linear head esvit-linear writes
     torch.manual_seed(0)
-    net, _ = build_backbone("vit_nano", image_size=32, depth=1)
+    net, _ = build_backbone("vit_nano", image_size=32)
     bb = tmp_path / "bb" / "backbone.pt"
     bb.parent.mkdir()
     torch.save(net.state_dict(), bb)

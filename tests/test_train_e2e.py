@@ -111,3 +111,66 @@ def test_torchrun_two_processes_matches_single_process_first_loss(tmp_path: Path
     assert l1["step"] == l2["step"] == 1
     assert abs(l1["loss"] - l2["loss"]) < 1e-4 or pytest.fail(f"{l1['loss']} vs {l2['loss']}")
     assert ckpt.list_checkpoints(tmp_path / "two")
+
+
+def test_gradient_accumulation_runs_same_number_of_steps(tmp_path: Path) -> None:
+    res = train(cfg(tmp_path, "optim.accum_steps=2"))
+    assert res.step == 8 and all(map(lambda x: x == x, res.losses))  # no NaN
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[-1]["step"] == 8
+
+
+def test_knn_monitor_on_labeled_folder(tmp_path: Path) -> None:
+    from esvit.data import write_synthetic_image_folder
+
+    write_synthetic_image_folder(tmp_path / "train", n_per_class=8, num_classes=3, size=32, seed=0)
+    write_synthetic_image_folder(tmp_path / "val", n_per_class=4, num_classes=3, size=32, seed=1)
+    train(cfg(tmp_path / "run", "knn.every_epochs=1", f"knn.train_path={tmp_path / 'train'}",
+              f"knn.val_path={tmp_path / 'val'}", "knn.k=5"))
+    knn = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "knn_top1" in r]
+    assert knn and 0.0 <= knn[0]["knn_top1"] <= 100.0
+
+
+def test_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    import math
+
+    from esvit.train.loop import _warn_collapse
+
+    with caplog.at_level("WARNING", logger="esvit.train"):
+        assert _warn_collapse({"teacher_entropy": 0.01, "teacher_kl_uniform": 5.0}, 256, 10)
+        assert _warn_collapse({"teacher_entropy": math.log(256) - 1e-3, "teacher_kl_uniform": 1e-4}, 256, 11)
+        assert not _warn_collapse({"teacher_entropy": 2.0, "teacher_kl_uniform": 2.0}, 256, 12)
+    assert "near 0" in caplog.text and "uniform collapse" in caplog.text
+
+
+def test_training_on_an_image_folder_with_small_and_odd_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from esvit.data import write_synthetic_image_folder
+
+    write_synthetic_image_folder(tmp_path / "data" / "a", n_per_class=8, num_classes=2, size=20, seed=0)
+    Image.new("L", (5, 7), 128).save(tmp_path / "data" / "gray.png")
+    Image.new("RGBA", (40, 30), (1, 2, 3, 100)).save(tmp_path / "data" / "rgba.png")
+    res = train(cfg(tmp_path / "run", "data.kind=folder", f"data.path={tmp_path / 'data'}", "optim.batch_size=8",
+                    "optim.epochs=1"))
+    assert res.step == 18 // 8 and ckpt.list_checkpoints(tmp_path / "run")
+
+
+def test_missing_or_empty_data_folder_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        rc = train_main(["--config", str(DEBUG), "data.kind=folder", f"data.path={path}",
+                         f"logging.output_dir={tmp_path / 'run'}"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and err.startswith("error:")
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_id_survives_resume(tmp_path: Path) -> None:
+    first = train(cfg(tmp_path, "logging.wandb=offline"), max_steps=4)
+    run_id = ckpt.safe_load(first.last_checkpoint)["wandb_run_id"]
+    assert run_id
+    second = train(cfg(tmp_path, "logging.wandb=offline"), resume="auto")
+    assert ckpt.safe_load(second.last_checkpoint)["wandb_run_id"] == run_id
+    assert any(run_id in p.name for p in (tmp_path / "wandb").glob("offline-run-*"))

@@ -60,7 +60,8 @@ class TeacherConfig:
     * ``none``: no teacher (labels only; ``loss.kind=ce``), the baseline;
     * ``linear``: a backbone pretrained here (``checkpoint``: training checkpoint, export or bare
       state dict with ``backbone``) plus the ``linear_classifier.pt`` written by
-      ``esvit-linear`` (``linear_head``; default ``<checkpoint dir>/linear_eval/linear_classifier.pt``);
+      ``esvit-linear`` (``linear_head``; default ``<checkpoint dir>/linear_eval/linear_classifier.pt``;
+      ``backbone`` / ``backbone_kwargs`` describe bare state dicts, as in ``esvit-linear``);
     * ``torchvision``: ``torchvision.models.get_model(arch, num_classes=..., **arch_kwargs)``
       with weights from the local state-dict file ``weights`` (never downloaded;
       ``random_init: true`` allows random weights for smoke tests);
@@ -76,6 +77,7 @@ class TeacherConfig:
     checkpoint: str | None = None
     checkpoint_key: str = "teacher"
     backbone: str | None = None
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     linear_head: str | None = None
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)

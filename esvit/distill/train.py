@@ -366,7 +366,7 @@ def build_teacher(t: TeacherConfig, classes: list[str], default_size: int,
         from esvit.eval.linear import LinearClassifier
         from esvit.export import load_backbone_info
 
-        info = load_backbone_info(t.checkpoint, t.backbone, t.checkpoint_key)
+        info = load_backbone_info(t.checkpoint, t.backbone, t.checkpoint_key, t.backbone_kwargs or None)
         head_path = Path(t.linear_head) if t.linear_head else Path(t.checkpoint).parent / "linear_eval" / "linear_classifier.pt"
         if not head_path.is_file():
             raise FileNotFoundError(f"teacher.linear_head: {head_path} not found; train one with "
@@ -769,6 +769,8 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
                 _truncate_metrics(out_dir / "metrics.jsonl", step)
         elif info.is_main:
             log.info("no checkpoint in %s: starting a fresh run", out_dir)
+    if step == 0 and info.is_main:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # records of an earlier attempt
 
     cached = None
     if teacher is not None and cfg.teacher.mode == "cached":

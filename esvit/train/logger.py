@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class MetricLogger:
                 import wandb
 
                 os.environ.setdefault("WANDB_SILENT", "true")
-                self.run_id = run_id or wandb.util.generate_id()
+                self.run_id = run_id or uuid.uuid4().hex[:8]
                 self._wandb = wandb.init(
                     project=project, dir=str(output_dir), mode=wandb_mode, id=self.run_id,
                     resume="allow", config=config or {},

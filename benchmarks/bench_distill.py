@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Does distillation beat training on labels alone, for the same CPU budget?
+
+On ``../shared/data/cifar10/train`` (skipped cleanly when absent):
+
+1. the last ``--val-per-class`` images of every class are the validation set, the first
+   ``--train-per-class`` of the rest the training set (5,000 images by default);
+2. a teacher (torchvision ResNet-18, ``student.backbone=resnet18``) is trained on labels with
+   ``esvit-distill``'s own loop (``teacher.kind=none``, ``loss.kind=ce``) on the same training set,
+   unless ``--teacher`` gives a ``student.pt`` / checkpoint to reuse;
+3. every arm trains the same small ViT student (``vit_nano``, patch 4, depth 2) for the same CPU
+   budget (``time.process_time()`` of the run: data decoding, augmentation, teacher forwards or
+   the teacher-logit cache, student forward / backward / update). Each arm is calibrated by a
+   short run (CPU seconds per step), then run for ``optim.total_steps`` = budget / step cost, so
+   the cosine schedule ends exactly at the budget; the CPU actually used is reported.
+
+Arms: ``labels`` (cross-entropy only), ``kd`` (Hinton KD), ``dkd``, ``dist`` and ``deit`` (DeiT
+distillation token, hard distillation). ``--teacher-mode cached`` (default) computes the teacher
+logits once on the un-augmented training images (its cost is inside the budget); ``online`` runs
+the teacher on every augmented crop. One intra-op thread, so CPU time is not inflated by idle
+OpenMP spinning when other processes share the cores.
+
+    python benchmarks/bench_distill.py                      # ~20 min on a 2-core CPU
+    python benchmarks/bench_distill.py --budget 60 --teacher-epochs 5 --arms labels,kd   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from esvit.distill import distill, load_distill_config  # noqa: E402
+from esvit.train.logger import read_metrics  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
+STUDENT = ["student.backbone=vit_nano", "student.backbone_kwargs={image_size: 32, patch_size: 4, depth: 2}"]
+ARMS: dict[str, list[str]] = {
+    "labels": ["teacher.kind=none", "loss.kind=ce"],
+    "kd": ["loss.kind=kd", "loss.kd.alpha=0.5", "loss.kd.temperature=4.0"],
+    "dkd": ["loss.kind=dkd", "loss.dkd.alpha=1.0", "loss.dkd.beta=8.0", "loss.dkd.temperature=4.0",
+            "loss.dkd.warmup_epochs=5"],
+    "dist": ["loss.kind=dist", "loss.dist.beta=2.0", "loss.dist.gamma=2.0", "loss.dist.tau=4.0"],
+    "deit": ["student.deit=true", "loss.kind=deit_hard"],
+}
+
+
+def common(args: argparse.Namespace, out: Path) -> list[str]:
+    """Overrides shared by every run: data split, augmentation, optimiser, logging."""
+    return [
+        f"data.path={args.data}", f"data.val_split={args.val_per_class}",
+        f"data.max_train_per_class={args.train_per_class}", "data.num_workers=0", "data.canvas_size=32",
+        "augment.image_size=32", "augment.scale=[0.35, 1.0]", "optim.batch_size=128",
+        "logging.wandb=disabled", "logging.progress=false", "checkpoint.every_epochs=0", "checkpoint.keep_last=1",
+        "eval.teacher=false", f"logging.output_dir={out}", f"seed={args.seed}",
+    ]
+
+
+def run(overrides: list[str], max_steps: int | None = None) -> dict[str, Any]:
+    """One in-process ``distill`` run; returns its results plus CPU accounting from metrics.jsonl."""
+    cfg = load_distill_config(None, overrides)
+    shutil.rmtree(cfg.logging.output_dir, ignore_errors=True)  # fresh: no stale metrics / logit cache
+    res = distill(cfg, max_steps=max_steps)
+    recs = [r for r in read_metrics(Path(cfg.logging.output_dir) / "metrics.jsonl") if "cpu_s" in r]
+    return {"results": res.results, "records": recs, "step": res.step}
+
+
+def train_teacher(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    out = args.out / "teacher"
+    t0 = time.process_time()
+    r = run(common(args, out) + [
+        "student.backbone=resnet18", "student.backbone_kwargs={image_size: 32}", "teacher.kind=none",
+        "loss.kind=ce", "optim.optimizer=sgd", "optim.lr=0.1", "optim.weight_decay=5e-4",
+        f"optim.epochs={args.teacher_epochs}", "optim.warmup_epochs=1", "logging.log_every=50"])
+    info = {"val": r["results"]["val"], "cpu_s": time.process_time() - t0, "epochs": args.teacher_epochs}
+    return out / "student.pt", info
+
+
+def calibrate(args: argparse.Namespace, name: str, teacher: Path) -> tuple[float, float]:
+    """CPU seconds per step and fixed set-up CPU (incl. a teacher-logit cache) of an arm."""
+    out = args.out / f"calib_{name}"
+    r = run(common(args, out) + STUDENT + arm_overrides(args, name, teacher) + [
+        "optim.total_steps=100000", "logging.log_every=1"], max_steps=args.calib_steps)
+    cpu = {rec["step"]: rec["cpu_s"] for rec in r["records"]}
+    lo, hi = 5, args.calib_steps
+    per_step = (cpu[hi] - cpu[lo]) / (hi - lo)
+    return per_step, max(cpu[1] - per_step, 0.0)
+
+
+def arm_overrides(args: argparse.Namespace, name: str, teacher: Path) -> list[str]:
+    ov = list(ARMS[name]) + [f"optim.lr={args.lr}", "optim.weight_decay=0.05", "optim.warmup_epochs=2"]
+    if name != "labels":
+        ov += ["teacher.kind=classifier", f"teacher.checkpoint={teacher}", f"teacher.mode={args.teacher_mode}"]
+    return ov
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_distill"))
+    p.add_argument("--teacher", type=Path, help="reuse this student.pt / checkpoint as the teacher")
+    p.add_argument("--teacher-epochs", type=int, default=25)
+    p.add_argument("--teacher-mode", choices=("cached", "online"), default="cached")
+    p.add_argument("--budget", type=float, default=150.0, help="CPU seconds per student arm")
+    p.add_argument("--arms", default="labels,kd,deit", help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--train-per-class", type=int, default=500)
+    p.add_argument("--val-per-class", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-3, help="student AdamW lr per 256 images")
+    p.add_argument("--calib-steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"SKIP: {args.data} not found (the shared CIFAR-10 image folder)")
+        return 0
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+
+    if args.teacher is not None:
+        teacher, tinfo = args.teacher, {"reused": str(args.teacher)}
+    else:
+        teacher, tinfo = train_teacher(args)
+        print(f"teacher resnet18: val top-1 {tinfo['val']['top1']:.2f}% after {args.teacher_epochs} epochs "
+              f"({tinfo['cpu_s']:.0f} CPU s)", flush=True)
+
+    rows = []
+    for name in arms:
+        per_step, setup = calibrate(args, name, teacher)
+        steps = max(int((args.budget - setup) / per_step), 1)
+        r = run(common(args, args.out / name) + STUDENT + arm_overrides(args, name, teacher) + [
+            f"optim.total_steps={steps}", "logging.log_every=25"])
+        res = r["results"]
+        used = r["records"][-1]["cpu_s"]
+        row = {"arm": name, "loss": res["loss"], "steps": steps, "epochs": round(res["epochs"], 1),
+               "cpu_s": round(used, 1), "cpu_per_step_ms": round(per_step * 1000, 1),
+               "setup_cpu_s": round(setup, 1), "top1": res["val"]["top1"], "top5": res["val"].get("top5")}
+        if "heads" in res["val"]:
+            row["heads"] = {k: v["top1"] for k, v in res["val"]["heads"].items()}
+        rows.append(row)
+        print(f"{name:>7}: val top-1 {row['top1']:6.2f}%  top-5 {row['top5']:6.2f}%  {steps} steps "
+              f"({row['epochs']} epochs) in {used:.0f} CPU s", flush=True)
+
+    summary = {"data": str(args.data), "n_train": args.train_per_class * 10, "n_val": args.val_per_class * 10,
+               "student": "vit_nano patch 4, depth 2, dim 64", "budget_cpu_s": args.budget,
+               "teacher_mode": args.teacher_mode, "teacher": tinfo, "arms": rows,
+               "wall_s": round(time.perf_counter() - wall0, 1), "threads": 1}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    base = next((r["top1"] for r in rows if r["arm"] == "labels"), None)
+    if base is not None:
+        for r in rows:
+            if r["arm"] != "labels":
+                print(f"{r['arm']}: {r['top1'] - base:+.2f} points vs labels only")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
