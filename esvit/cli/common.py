@@ -21,5 +21,6 @@ def run_cli(main: Callable[[], int | None], known_errors: tuple[type[BaseExcepti
     try:
         return main() or 0
     except known_errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
+        print(f"error: {msg}", file=sys.stderr)
         return 2
