@@ -190,7 +190,7 @@ class EsViTTrainer(nn.Module):
             ``region_loss``, ``teacher_entropy`` (mean per-sample entropy of the teacher's
             view distribution, nats), ``teacher_kl_uniform`` (KL of the batch-mean teacher
             distribution to uniform: near ``log K`` when one dimension dominates),
-            ``student_entropy``.
+            ``student_entropy`` (on the global views).
         """
         self._check_images(images)
         device = next(self.student.parameters()).device
@@ -226,7 +226,7 @@ class EsViTTrainer(nn.Module):
         ent_t = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(-1).mean()
         mean_p = p_t.mean(0)
         kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(self.out_dim)
-        s = torch.cat(s_out["view_out"]).float()
+        s = torch.cat(s_out["view_out"][:NUM_GLOBAL_VIEWS]).float()  # global views suffice for a signal
         log_p_s = torch.log_softmax(s / self.view_loss.student_temp, dim=-1)
         ent_s = -(log_p_s.exp() * log_p_s).sum(-1).mean()
         return {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s}

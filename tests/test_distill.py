@@ -372,3 +372,31 @@ def test_cli_reports_errors_and_runs(tmp_path: Path, capsys: pytest.CaptureFixtu
                "optim.epochs=1", "optim.batch_size=16", "logging.progress=false"])
     assert rc == 0 and "student val" in capsys.readouterr().out
     assert (tmp_path / "student_vit.pt").is_file()
+
+
+def _torchrun(nproc: int, out: Path, tiny: dict[str, Path]):
+    import os
+    import subprocess
+    import sys
+
+    overrides = ["data.kind=folder", f"data.path={tiny['data']}", "data.val_split=2", "optim.batch_size=10",
+                 "student.deit=false", "student.backbone_kwargs.depth=1", "loss.kind=kd", "teacher.random_init=false",
+                 f"teacher.weights={tiny['weights']}", "logging.progress=false", f"logging.output_dir={out}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "distill.py"), "--config", str(DEBUG), *overrides]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one(tmp_path: Path, tiny_data: dict[str, Path]) -> None:
+    """DDP on the student: 2 gloo ranks x 5 images follow the 1-rank x 10 images run."""
+    one = _torchrun(1, tmp_path / "one", tiny_data)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, tmp_path / "two", tiny_data)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1 = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    l2 = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
+    assert len(l1) == len(l2) > 0
+    assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-4, (l1, l2)
+    assert (tmp_path / "two" / "distill_results.json").is_file()

@@ -210,19 +210,26 @@ class TrainAugment:
 
     Box parameters come from an internal CPU ``torch.Generator`` (``get_state`` /
     ``set_state`` for exact resume); the crop, resize and flip are one ``roi_align`` call on
-    the images' device (:func:`esvit.augment.crop.resized_crop`).
+    the images' device (:func:`esvit.augment.crop.resized_crop`). With ``world_size`` ranks,
+    every rank draws the parameters of the whole global batch from the same stream and keeps
+    its own block, so a global batch is augmented identically whatever the number of ranks.
 
     Args:
         size: Output side.
         scale: Crop area range (fraction of the canvas).
         ratio: Aspect-ratio range.
         flip: Random horizontal flip with probability 0.5.
-        seed: Generator seed.
+        seed: Generator seed (the same on every rank).
+        rank: This rank.
+        world_size: Number of ranks.
     """
 
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], flip: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.size, self.scale, self.ratio, self.flip = int(size), tuple(scale), tuple(ratio), flip
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -230,8 +237,9 @@ class TrainAugment:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected uint8 images (b, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         b, _, h, w = images.shape
-        boxes = sample_crop_boxes(h, w, b, self.scale, self.ratio, generator=self.generator)
-        flip = torch.rand(b, generator=self.generator) < 0.5 if self.flip else None
+        n, lo = b * self.world_size, b * self.rank
+        boxes = sample_crop_boxes(h, w, n, self.scale, self.ratio, generator=self.generator)[lo:lo + b]
+        flip = (torch.rand(n, generator=self.generator) < 0.5)[lo:lo + b] if self.flip else None
         x = resized_crop(images.float().div_(255.0), boxes, self.size, flip=flip)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -748,7 +756,7 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
                if cfg.teacher.kind != "none" else None)
     torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout
     augment = TrainAugment(cfg.augment.image_size, cfg.augment.scale, cfg.augment.ratio, cfg.augment.flip,
-                           seed=cfg.seed * 1_000_003 + 7919 * info.rank + 1)
+                           seed=cfg.seed * 1_000_003 + 1, rank=info.rank, world_size=info.world_size)
     criterion = build_criterion(cfg.loss)
     opt = _build_optimizer(student, cfg)
     dtype = _amp_dtype(o.amp, device)
