@@ -69,19 +69,21 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
     """esvit with its standard schedules, stretched over the CPU budget."""
     tr = EsViTTrainer(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens,
                       global_size=args.size, local_size=args.local_size, n_local=args.n_local,
-                      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), out_dim=args.out_dim, seed=0)
+                      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), out_dim=args.out_dim,
+                      hidden_dim=args.hidden_dim, bottleneck_dim=256, seed=0)
     opt = torch.optim.AdamW(tr.param_groups(), lr=0.0)
     it = batches(ds, idx, args.batch, True, 0, args.workers)
     budget = args.budget_min * 60
     step, c0, losses, sched = 0, time.process_time(), [], None
     while time.process_time() - c0 < budget:
-        if step == 3 and sched is None:  # estimate how many steps fit, then fix the schedules
-            per_step = (time.process_time() - c0) / 3
-            total = max(int(budget / per_step), 4)
-            sched = Schedules(steps_per_epoch=total, epochs=1, lr=args.lr * args.batch / 256, warmup_epochs=0.1,
-                              warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=0.3,
-                              momentum_teacher=0.99, freeze_last_layer_epochs=0.02)
-            log.info("esvit: %.1f CPU-s/step -> %d steps", per_step, total)
+        if sched is None and (args.steps or step == 3):  # fix the schedule length, then keep it
+            per_step = (time.process_time() - c0) / max(step, 1)
+            total = args.steps or max(int(budget / per_step), 4)
+            sched = Schedules(steps_per_epoch=total, epochs=1, lr=args.lr * args.batch / 256, warmup_epochs=0.05,
+                              warmup_teacher_temp=args.teacher_temp, teacher_temp=args.teacher_temp,
+                              warmup_teacher_temp_epochs=0, momentum_teacher=args.momentum,
+                              freeze_last_layer_epochs=0.02, weight_decay=0.04, weight_decay_end=0.1)
+            log.info("esvit: %.1f CPU-s/step -> schedules over %d steps", per_step, total)
         v = (sched or Schedules(steps_per_epoch=1000, epochs=1, lr=args.lr * args.batch / 256)).at(step)
         for i, g in enumerate(opt.param_groups):
             g["lr"] = v.lr if sched else args.lr * args.batch / 256 * 0.01
@@ -99,7 +101,8 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
         losses.append(out["loss"].item())
         step += 1
         if step % 20 == 0:
-            log.info("esvit step %d loss %.4f (%.0f / %.0f CPU-s)", step, losses[-1], time.process_time() - c0, budget)
+            log.info("esvit step %d loss %.4f teacher entropy %.3f (%.0f / %.0f CPU-s)", step, losses[-1],
+                     out["teacher_entropy"].item(), time.process_time() - c0, budget)
     return {"steps": step, "images": step * args.batch, "first_loss": losses[0], "last_loss": losses[-1],
             "backbone": tr.teacher.backbone.net}
 
@@ -158,8 +161,12 @@ def main() -> None:
     p.add_argument("--local-size", type=int, default=32)
     p.add_argument("--n-local", type=int, default=4)
     p.add_argument("--out-dim", type=int, default=4096)
+    p.add_argument("--hidden-dim", type=int, default=2048)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="esvit peak LR per 256 images")
+    p.add_argument("--momentum", type=float, default=0.99, help="esvit initial teacher momentum (cosine to 1)")
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--steps", type=int, default=0, help="esvit schedule length (0: estimated from the budget)")
     p.add_argument("--budget-min", type=float, default=30.0, help="CPU minutes of pretraining per method")
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--eval-train", type=int, default=0, help="limit the kNN/linear train bank (0 = all)")

@@ -49,7 +49,7 @@ def test_schedule_values_monotone() -> None:
     assert all(b >= a for a, b in zip(mom, mom[1:], strict=False))
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("distill")))
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert cfg.augment.local_size <= cfg.augment.global_size
