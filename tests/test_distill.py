@@ -294,6 +294,12 @@ def test_end_to_end_writes_results_exports_and_metrics(tmp_path: Path, tiny_data
     assert spec.name == "vit_nano" and net(x).shape == (2, 64)
     with pytest.raises(FileExistsError, match="--resume auto"):
         distill(_cfg(tmp_path / "run", tiny_data))
+    # student.init_checkpoint: a DeiT student starts from the exported backbone
+    init = distill(_cfg(tmp_path / "init", tiny_data, f"student.init_checkpoint={out / 'student_backbone.pt'}",
+                        "student.deit=true", "loss.kind=deit_hard"), max_steps=0)
+    started = ckpt.safe_load(init.last_checkpoint)["student"]
+    for k, v in ckpt.safe_load(out / "student_backbone.pt")["state_dict"].items():
+        assert torch.equal(started[k], v), k
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path: Path, tiny_data: dict[str, Path]) -> None:
@@ -343,6 +349,14 @@ def test_cached_teacher_logits_and_linear_teacher(tmp_path: Path, tiny_data: dic
     assert torch.allclose(teacher(x), ref, atol=1e-4)
     with pytest.raises(ValueError, match="predicts 3 classes but the data has 2"):
         build_teacher(cfg.teacher, ["a", "b"], 32)
+
+
+def test_cpu_budget_ends_the_run(tmp_path: Path, tiny_data: dict[str, Path]) -> None:
+    res = distill(_cfg(tmp_path, tiny_data, "optim.cpu_budget_s=1.5", "optim.epochs=10000", "eval.teacher=false"))
+    assert 0 < res.step < 10000 * 3 and res.results["cpu_budget_s"] == 1.5
+    assert 1.5 <= res.results["cpu_s"] < 1.5 + 1.0  # stops within about one step of the budget
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r]
+    assert lrs[-1] < max(lrs)  # the cosine schedule follows the budget
 
 
 # --------------------------------------------------------------------------------------- config

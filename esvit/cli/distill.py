@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from pathlib import Path
 
-        from esvit.distill.config import load_distill_config
+        from esvit.config import ConfigError, load_yaml_config
+        from esvit.distill.config import DistillConfig, validate_distill
         from esvit.distill.train import RESULTS_FILE, distill
 
         overrides = list(args.overrides) + list(args.set_)
@@ -66,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                           (args.teacher, "teacher.checkpoint"), (args.output_dir, "logging.output_dir")):
             if flag is not None:
                 overrides.append(f"{key}={flag}")
-        cfg = load_distill_config(args.config, overrides)
+        cfg = load_yaml_config(DistillConfig, args.config, overrides)  # keys and types checked
         if cfg.data.kind == "folder" and not cfg.data.path:
             print(NO_DATA_HELP, file=sys.stderr)
             return 2
+        try:
+            validate_distill(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
         res = distill(cfg, resume=args.resume, max_steps=args.max_steps)
         print(f"done: {res.step} steps, last checkpoint {res.last_checkpoint}")
         if res.results:

@@ -173,11 +173,17 @@ class DistillAugmentConfig:
 class DistillOptimConfig:
     """Optimisation. ``lr`` is per 256 images (scaled by ``batch_size / 256``); cosine decay to
     ``min_lr`` after a linear warmup. ``total_steps`` > 0 fixes the run length in optimiser steps
-    (instead of ``epochs``)."""
+    (instead of ``epochs``). ``cpu_budget_s`` > 0 trains for a fixed CPU time instead
+    (``time.process_time()`` of the run, set-up and teacher included; the most-used rank decides):
+    the schedule then follows the fraction of the budget used (warmup: ``warmup_epochs / epochs``
+    of it), the run ends when the budget is spent (or after ``epochs`` / ``total_steps``), and a
+    resumed run is not bit-identical to an uninterrupted one. Meant for compute-matched
+    comparisons (``benchmarks/bench_distill.py``)."""
 
     optimizer: str = "adamw"
     epochs: int = 100
     total_steps: int = 0
+    cpu_budget_s: float = 0.0
     batch_size: int = 128
     lr: float = 5e-4
     min_lr: float = 1e-6
@@ -255,7 +261,7 @@ _NON_NEGATIVE = (
     "loss.label_smoothing", "loss.dkd.alpha", "loss.dkd.beta", "loss.dkd.ce_weight",
     "loss.dkd.warmup_epochs", "loss.dist.beta", "loss.dist.gamma", "loss.dist.ce_weight",
     "data.val_split", "data.max_train_per_class", "data.num_workers", "data.max_bad_fraction",
-    "optim.total_steps", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.momentum",
+    "optim.total_steps", "optim.cpu_budget_s", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.momentum",
     "optim.clip_grad", "eval.every_epochs", "checkpoint.every_epochs", "checkpoint.every_steps",
 )
 _UNIT = ("loss.kd.alpha", "loss.deit.alpha", "data.max_bad_fraction")

@@ -798,6 +798,15 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
     def cpu_s() -> float:
         return cpu_before + time.process_time() - cpu0
 
+    budget = o.cpu_budget_s
+
+    def budget_fraction() -> float:
+        """Fraction of ``optim.cpu_budget_s`` used, maximum over ranks (identical on all ranks)."""
+        t = torch.tensor([cpu_s() / budget], dtype=torch.float64, device=device)
+        if info.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
     def run_eval(at_step: int) -> None:
         if info.is_main and splits.val is not None:
             res = evaluate(student, splits.val, cfg.augment.image_size, device, cfg.eval.batch_size, nw)
@@ -810,8 +819,9 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
     bar = tqdm(total=stop, initial=step, disable=not (info.is_main and cfg.logging.progress), dynamic_ncols=True,
                desc="distill")
     t_last, imgs_since = time.perf_counter(), 0
+    exhausted = False  # cpu budget spent
     try:
-        while step < stop:
+        while step < stop and not exhausted:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch)
             sampler.set_start(step - epoch * steps_per_epoch)
@@ -819,7 +829,16 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 if step >= stop:
                     break
-                lr = warmup_cosine(step, total, warmup, peak_lr, o.min_lr)
+                if budget > 0:
+                    frac = budget_fraction()
+                    if frac >= 1.0:
+                        exhausted = True
+                        break
+                    n = 1_000_000  # schedule over the used fraction of the budget
+                    lr = warmup_cosine(round(frac * n), n, round(min(o.warmup_epochs / o.epochs, 1.0) * n),
+                                       peak_lr, o.min_lr)
+                else:
+                    lr = warmup_cosine(step, total, warmup, peak_lr, o.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
                     if g["apply_wd"]:
@@ -883,7 +902,7 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < stop:
                     last_ckpt = _save_checkpoint(out_dir, step, student, opt, scaler, augment, cfg, meta, info,
                                                  logger.run_id, cpu_s())
-            if step % steps_per_epoch == 0 and step < stop:
+            if step % steps_per_epoch == 0 and step < stop and not exhausted:
                 e = step // steps_per_epoch
                 if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0:
                     last_ckpt = _save_checkpoint(out_dir, step, student, opt, scaler, augment, cfg, meta, info,
@@ -895,7 +914,7 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
             last_ckpt = _save_checkpoint(out_dir, step, student, opt, scaler, augment, cfg, meta, info,
                                          logger.run_id, cpu_s())
         results: dict[str, Any] = {}
-        if step >= total and info.is_main:
+        if (step >= total or exhausted) and info.is_main:
             results = _final_report(cfg, splits, student, teacher, device, out_dir, meta, step, total,
                                     steps_per_epoch, cpu_s(), time.perf_counter() - wall0, losses, logger)
         barrier()
@@ -919,6 +938,7 @@ def _final_report(cfg: DistillConfig, splits: DataSplits, student: nn.Module, te
         "num_classes": len(splits.classes), "classes": splits.classes, "n_train": len(splits.train),
         "n_val": len(splits.val) if splits.val is not None else 0, "val_source": splits.val_source,
         "steps": step, "epochs": step / steps_per_epoch, "total_steps": total, "cpu_s": cpu,
+        "cpu_budget_s": cfg.optim.cpu_budget_s or None,
         "wall_s": wall, "final_train_loss": losses[-1] if losses else None,
     }
     if splits.val is not None:
