@@ -3,24 +3,29 @@
 
 On ``../shared/data/cifar10/train`` (skipped cleanly when absent):
 
-1. the last ``--val-per-class`` images of every class are the validation set, the first
-   ``--train-per-class`` of the rest the training set (5,000 images by default);
+1. the last ``--val-per-class`` images of every class (250: 2,500 images) are the validation set;
 2. a teacher (torchvision ResNet-18, ``student.backbone=resnet18``) is trained on labels with
-   ``esvit-distill``'s own loop (``teacher.kind=none``, ``loss.kind=ce``) on the same training set,
-   unless ``--teacher`` gives a ``student.pt`` / checkpoint to reuse;
-3. every arm trains the same small ViT student (``vit_nano``, patch 4, depth 2) for the same CPU
-   budget: ``optim.cpu_budget_s`` (``time.process_time()`` of the run: data decoding,
-   augmentation, teacher forwards or the teacher-logit cache, student forward / backward /
-   update), with the cosine schedule laid over the budget (warmup 2% of it).
+   ``esvit-distill``'s own loop (``teacher.kind=none``, ``loss.kind=ce``) on the first
+   ``--teacher-per-class`` images of every class (500: 5,000 images), unless ``--teacher`` gives a
+   ``student.pt`` / checkpoint to reuse;
+3. every arm trains the same small ViT student (``vit_nano``, patch 4, depth 2, 75k parameters) on
+   the first ``--student-per-class`` images of every class (100: 1,000 labeled images, a subset of
+   the teacher's) for the same CPU budget: ``optim.cpu_budget_s`` (``time.process_time()`` of the
+   run: data decoding, augmentation, teacher forwards or the teacher-logit cache, student forward /
+   backward / update), with the cosine schedule laid over the budget (warmup 2% of it). This is the
+   usual distillation setting: a stronger model trained on more labels teaches a small one.
+   ``--student-per-class 500`` gives the same-data setting (student and teacher on the same 5,000
+   images), where this tiny, under-fitting student gains little from the teacher.
 
-Arms: ``labels`` (cross-entropy only), ``kd`` (Hinton KD), ``dkd``, ``dist`` and ``deit`` (DeiT
+Arms: ``labels`` (cross-entropy only), ``kd`` (Hinton KD, T=4), ``dkd``, ``dist`` and ``deit`` (DeiT
 distillation token, hard distillation). ``--teacher-mode cached`` (default) computes the teacher
 logits once on the un-augmented training images (its cost is inside the budget); ``online`` runs
-the teacher on every augmented crop. One intra-op thread, so CPU time is not inflated by idle
-OpenMP spinning when other processes share the cores.
+the teacher on every augmented crop (about half the student steps here). One intra-op thread per
+run (arms run ``--jobs`` at a time), so CPU time is not inflated by idle OpenMP spinning when other
+processes share the cores.
 
     python benchmarks/bench_distill.py                      # ~20 min on a 2-core CPU
-    python benchmarks/bench_distill.py --budget 60 --teacher-epochs 5 --arms labels,kd   # quick look
+    python benchmarks/bench_distill.py --budget 60 --teacher-epochs 5 --seeds 1 --arms labels,kd  # quick look
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 STUDENT = ["student.backbone=vit_nano", "student.backbone_kwargs={image_size: 32, patch_size: 4, depth: 2}"]
 ARMS: dict[str, list[str]] = {
     "labels": ["teacher.kind=none", "loss.kind=ce"],
-    "kd": ["loss.kind=kd", "loss.kd.alpha=0.5", "loss.kd.temperature=1.0"],
+    "kd": ["loss.kind=kd", "loss.kd.alpha=0.5", "loss.kd.temperature=4.0"],
     "dkd": ["loss.kind=dkd", "loss.dkd.alpha=1.0", "loss.dkd.beta=8.0", "loss.dkd.temperature=4.0",
             "loss.dkd.warmup_epochs=5"],
     "dist": ["loss.kind=dist", "loss.dist.beta=1.0", "loss.dist.gamma=1.0", "loss.dist.tau=1.0"],
@@ -56,12 +61,12 @@ ARMS: dict[str, list[str]] = {
 }
 
 
-def common(args: argparse.Namespace, out: Path) -> list[str]:
+def common(args: argparse.Namespace, out: Path, per_class: int) -> list[str]:
     """Overrides shared by every run: data split, augmentation, optimiser, logging."""
     return [
         f"data.path={args.data}", f"data.val_split={args.val_per_class}",
-        f"data.max_train_per_class={args.train_per_class}", "data.num_workers=0", "data.canvas_size=32",
-        "augment.image_size=32", "augment.scale=[0.35, 1.0]", "optim.batch_size=128",
+        f"data.max_train_per_class={per_class}", "data.num_workers=0", "data.canvas_size=32",
+        "augment.image_size=32", "augment.scale=[0.35, 1.0]", "optim.batch_size=100",
         "logging.wandb=disabled", "logging.progress=false", "checkpoint.every_epochs=0", "checkpoint.keep_last=1",
         "eval.teacher=false", f"logging.output_dir={out}", f"seed={args.seed}",
     ]
@@ -79,8 +84,8 @@ def run(overrides: list[str], max_steps: int | None = None) -> dict[str, Any]:
 def train_teacher(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     out = args.out / "teacher"
     t0 = time.process_time()
-    r = run(common(args, out) + [
-        "student.backbone=resnet18", "student.backbone_kwargs={image_size: 32}", "teacher.kind=none",
+    r = run(common(args, out, args.teacher_per_class) + [
+        "optim.batch_size=128", "student.backbone=resnet18", "student.backbone_kwargs={image_size: 32}", "teacher.kind=none",
         "loss.kind=ce", "optim.optimizer=sgd", "optim.lr=0.1", "optim.weight_decay=5e-4",
         f"optim.epochs={args.teacher_epochs}", "optim.warmup_epochs=1", "logging.log_every=50"])
     info = {"val": r["results"]["val"], "cpu_s": time.process_time() - t0, "epochs": args.teacher_epochs}
@@ -100,7 +105,7 @@ def run_arm(args: argparse.Namespace, name: str, seed: int, teacher: Path) -> di
     logging.basicConfig(level=logging.WARNING)
     args = argparse.Namespace(**{**vars(args), "seed": seed})
     tag = f"{name}_s{seed}"
-    r = run(common(args, args.out / tag) + STUDENT + arm_overrides(args, name, teacher) + [
+    r = run(common(args, args.out / tag, args.student_per_class) + STUDENT + arm_overrides(args, name, teacher) + [
         f"optim.cpu_budget_s={args.budget}", "optim.epochs=1000", "optim.warmup_epochs=20", "logging.log_every=25"])
     res = r["results"]
     row = {"arm": name, "seed": seed, "loss": res["loss"], "steps": res["steps"], "epochs": round(res["epochs"], 1),
@@ -120,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-mode", choices=("cached", "online"), default="cached")
     p.add_argument("--budget", type=float, default=150.0, help="CPU seconds per student arm")
     p.add_argument("--arms", default="labels,kd,deit", help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--train-per-class", type=int, default=500)
+    p.add_argument("--teacher-per-class", type=int, default=500, help="labeled images per class of the teacher")
+    p.add_argument("--student-per-class", type=int, default=100,
+                   help="labeled images per class of the students (the first of the teacher's)")
     p.add_argument("--val-per-class", type=int, default=250)
     p.add_argument("--lr", type=float, default=2e-3, help="student AdamW lr per 256 images")
     p.add_argument("--seed", type=int, default=0, help="first student seed (the teacher uses it too)")
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['steps']} steps ({row['epochs']} epochs) in {row['cpu_s']:.1f} CPU s", flush=True)
     mean = {name: sum(r["top1"] for r in rows if r["arm"] == name) / args.seeds for name in arms}
 
-    summary = {"data": str(args.data), "n_train": args.train_per_class * 10, "n_val": args.val_per_class * 10,
+    summary = {"data": str(args.data), "n_train_teacher": args.teacher_per_class * 10,
+               "n_train_student": args.student_per_class * 10, "n_val": args.val_per_class * 10,
                "student": "vit_nano patch 4, depth 2, dim 64", "budget_cpu_s": args.budget,
                "teacher_mode": args.teacher_mode, "teacher": tinfo, "arms": rows, "mean_top1": mean,
                "wall_s": round(time.perf_counter() - wall0, 1), "threads": 1}
