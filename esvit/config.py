@@ -239,17 +239,32 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def validate(cfg: Config) -> Config:
-    """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    for key in _POSITIVE:
+def check_ranges(
+    cfg: Any, choices: dict[str, tuple[str, ...]], positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (), unit: tuple[str, ...] = (),
+) -> None:
+    """Check dotted keys of any config dataclass: allowed choices, > 0, >= 0, in [0, 1].
+
+    Raises:
+        ConfigError: Naming the first offending key and its value.
+    """
+    for key, allowed in choices.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+    for key in positive:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
+    for key in non_negative:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    for key in unit:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: must be in [0, 1], got {_get(cfg, key)!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
+    check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE)
     a = cfg.augment
     if a.local_size > a.global_size:
         raise ConfigError(f"augment.local_size: {a.local_size} is larger than augment.global_size {a.global_size}")

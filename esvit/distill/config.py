@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esvit.config import ConfigError, load_yaml_config
+from esvit.config import ConfigError, check_ranges, load_yaml_config
 
 __all__ = [
     "LOSS_KINDS",
@@ -267,31 +267,13 @@ _NON_NEGATIVE = (
 _UNIT = ("loss.kd.alpha", "loss.deit.alpha", "data.max_bad_fraction")
 
 
-def _get(cfg: Any, key: str) -> Any:
-    obj = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def validate_distill(cfg: DistillConfig) -> DistillConfig:
     """Check value ranges and cross-field constraints.
 
     Raises:
         ConfigError: Naming the offending key and the expected value.
     """
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
-    for key in _UNIT:
-        if not 0 <= _get(cfg, key) <= 1:
-            raise ConfigError(f"{key}: must be in [0, 1], got {_get(cfg, key)!r}")
+    check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
     if cfg.loss.label_smoothing >= 1:
         raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {cfg.loss.label_smoothing}")
     lo, hi = cfg.augment.scale
