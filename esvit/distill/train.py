@@ -51,7 +51,7 @@ from esvit.eval.features import make_loader, preprocess, write_json
 from esvit.eval.linear import accuracy
 from esvit.schedules import warmup_cosine
 from esvit.train import checkpoint as ckpt
-from esvit.train.distributed import DistInfo, all_true, barrier, init_distributed
+from esvit.train.distributed import DistInfo, all_true, barrier, gather_rng_states, init_distributed
 from esvit.train.logger import MetricLogger
 
 __all__ = [
@@ -515,27 +515,11 @@ def _student_meta(cfg: DistillConfig, classes: list[str]) -> dict[str, Any]:
             "num_classes": len(classes), "classes": list(classes), "image_size": cfg.augment.image_size}
 
 
-def _rng_state(augment: TrainAugment) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "augment": augment.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _gather_rng(augment: TrainAugment, info: DistInfo) -> list[dict[str, Any]]:
-    state = _rng_state(augment)
-    if not info.distributed:
-        return [state]
-    out: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
 def _save_checkpoint(out_dir: Path, step: int, student: nn.Module, opt: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, augment: TrainAugment, cfg: DistillConfig,
                      meta: dict[str, Any], info: DistInfo, run_id: str | None, cpu_s: float) -> Path:
     """All ranks call this (RNG states are gathered); rank 0 writes atomically and prunes."""
-    rng = _gather_rng(augment, info)
+    rng = gather_rng_states({"augment": augment.get_state()}, info)
     path = ckpt.checkpoint_path(out_dir, step)
     if info.is_main:
         state = {

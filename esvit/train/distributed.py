@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,3 +83,18 @@ def cleanup() -> None:
     """Destroy the process group if one exists."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_rng_states(extra: dict[str, Any], info: DistInfo) -> list[dict[str, Any]]:
+    """RNG states of every rank (torch, CUDA and ``extra``, e.g. augmentation generators).
+
+    Every rank must call this; each gets the list indexed by rank, for the checkpoint.
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), **extra}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if not info.distributed:
+        return [state]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()})
+    return out

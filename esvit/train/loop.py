@@ -26,7 +26,7 @@ from esvit.data import BadImageCounter, build_dataset
 from esvit.data.sampler import EpochBlockSampler
 from esvit.schedules import Schedules
 from esvit.train import checkpoint as ckpt
-from esvit.train.distributed import DistInfo, all_true, barrier, init_distributed
+from esvit.train.distributed import DistInfo, all_true, barrier, gather_rng_states, init_distributed
 from esvit.train.logger import MetricLogger
 from esvit.trainer import EsViTTrainer
 
@@ -84,22 +84,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
-def _rng_state(trainer: EsViTTrainer) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), **trainer.extra_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _gather_rng(trainer: EsViTTrainer, info: DistInfo) -> list[dict[str, Any]]:
-    state = _rng_state(trainer)
-    if not info.distributed:
-        return [state]
-    out: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(out, {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()})
-    return out
-
-
 def _restore_rng(trainer: EsViTTrainer, states: list[dict[str, Any]], info: DistInfo) -> None:
     if len(states) != info.world_size:
         log.warning("checkpoint has RNG states for %d ranks, run has %d: augmentation streams restart",
@@ -131,7 +115,7 @@ def save_checkpoint(
             f"{out_dir} is the last good one). Lower optim.lr or keep optim.clip_grad > 0, then resume "
             "with --resume auto."
         )
-    rng = _gather_rng(trainer, info)
+    rng = gather_rng_states(trainer.extra_state(), info)
     path = ckpt.checkpoint_path(out_dir, step)
     if info.is_main:
         state = {
