@@ -21,13 +21,19 @@ class ModelOutput(TypedDict):
 
     Keys:
         view_out: Per view, view-head output ``(b, K)``.
+        view_stack: All view-head outputs as one ``(n_views, b, K)`` tensor (the storage the
+            ``view_out`` entries are views of; losses take it to avoid copies).
         region_out: Per view, region-head output ``(b, n_v, K)`` (empty if no region head).
+        region_flat: All region-head outputs ``(sum_v b * n_v, K)`` in view order (None if no
+            region head); ``region_out`` entries are views of it.
         region_feat: Per view, backbone region tokens ``(b, n_v, d)``.
         pooled: Per view, pooled backbone feature ``(b, d)``.
     """
 
     view_out: list[Tensor]
+    view_stack: Tensor
     region_out: list[Tensor]
+    region_flat: Tensor | None
     region_feat: list[Tensor]
     pooled: list[Tensor]
 
@@ -111,11 +117,13 @@ class EsViTModel(nn.Module):
             p, r = self.backbone(x)
             pooled.extend(p.chunk(end - start))
             feats.extend(r.chunk(end - start))
-        view_out = list(self.view_head(torch.cat(pooled)).split(b))
+        view_stack = self.view_head(torch.cat(pooled)).reshape(len(crops), b, -1)
         region_out: list[Tensor] = []
+        region_flat = None
         if self.region_head is not None:
             sizes = [f.shape[1] for f in feats]
-            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
-            out = self.region_head(flat).split([b * n for n in sizes])
+            region_flat = self.region_head(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]))
+            out = region_flat.split([b * n for n in sizes])
             region_out = [o.reshape(b, n, -1) for o, n in zip(out, sizes, strict=True)]
-        return {"view_out": view_out, "region_out": region_out, "region_feat": feats, "pooled": pooled}
+        return {"view_out": list(view_stack.unbind(0)), "view_stack": view_stack, "region_out": region_out,
+                "region_flat": region_flat, "region_feat": feats, "pooled": pooled}

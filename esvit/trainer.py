@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from esvit.augment import MultiCropAugmentation
 from esvit.backbones import build_backbone
 from esvit.losses import RegionLoss, ViewLoss
+from esvit.losses.cross_entropy import softmax_entropy
 from esvit.model import EsViTModel, ModelOutput
 from esvit.wrapper import NetWrapper
 
@@ -203,10 +204,11 @@ class EsViTTrainer(nn.Module):
         student = self._student_forward or self.student
         s_out: ModelOutput = student(views)
 
-        view_loss = self.view_loss(s_out["view_out"], t_out["view_out"], teacher_temp)
+        # the stacked / flat head outputs: no split-and-concatenate copies forward or backward
+        view_loss = self.view_loss(s_out["view_stack"], t_out["view_stack"], teacher_temp)
         if self.region_loss is not None:
             region_loss = self.region_loss(
-                s_out["region_out"], s_out["region_feat"], t_out["region_out"], t_out["region_feat"], teacher_temp
+                s_out["region_flat"], s_out["region_feat"], t_out["region_flat"], t_out["region_feat"], teacher_temp
             )
             loss = 0.5 * view_loss + 0.5 * region_loss
         else:
@@ -214,22 +216,18 @@ class EsViTTrainer(nn.Module):
             loss = view_loss
         metrics = self._collapse_metrics(s_out, t_out, teacher_temp)
         if self.training:
-            self.view_loss.update_center(t_out["view_out"])
+            self.view_loss.update_center(t_out["view_stack"])
             if self.region_loss is not None:
-                self.region_loss.update_center(t_out["region_out"])
+                self.region_loss.update_center(t_out["region_flat"])
         return {"loss": loss, "view_loss": view_loss.detach(), "region_loss": region_loss.detach(), **metrics}
 
     @torch.no_grad()
     def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
-        t = torch.cat(t_out["view_out"]).float()
-        p_t = torch.softmax((t - self.view_loss.center.center) / teacher_temp, dim=-1)
-        ent_t = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(-1).mean()
-        mean_p = p_t.mean(0)
+        ent_t, mean_p = softmax_entropy(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
         kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(self.out_dim)
-        s = torch.cat(s_out["view_out"][:NUM_GLOBAL_VIEWS]).float()  # global views suffice for a signal
-        log_p_s = torch.log_softmax(s / self.view_loss.student_temp, dim=-1)
-        ent_s = -(log_p_s.exp() * log_p_s).sum(-1).mean()
-        return {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s}
+        # the global views suffice for a signal
+        ent_s, _ = softmax_entropy(s_out["view_stack"][:NUM_GLOBAL_VIEWS], self.view_loss.student_temp)
+        return {"teacher_entropy": ent_t.mean(), "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s.mean()}
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:

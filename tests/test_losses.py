@@ -156,3 +156,55 @@ def test_loss_validates_view_counts() -> None:
         ViewLoss(K)([torch.randn(B, K)], [torch.randn(B, K)], 0.04)
     with pytest.raises(ValueError, match="teacher_temp"):
         ViewLoss(K)([torch.randn(B, K)] * 2, [torch.randn(B, K)], 0.0)
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force several row blocks (K=17 -> 2 rows per block) to exercise the block loops."""
+    import esvit.losses.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_CPU_BLOCK_ELEMENTS", 2 * K)
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_view_and_region_gradients_match_reference(blocks: str, request: pytest.FixtureRequest) -> None:
+    if blocks == "many":
+        request.getfixturevalue("tiny_blocks")
+    s_view, t_view, s_out, s_feat, t_out, t_feat = make_views(2, 4, 2, seed=3)
+    center = torch.randn(1, K)
+    view, region = ViewLoss(K), RegionLoss(K)
+    view.center.center.copy_(center)
+    region.center.center.copy_(center)
+    sv = [s.clone().requires_grad_() for s in s_view]
+    so = [s.clone().requires_grad_() for s in s_out]
+    (view(sv, t_view, 0.05) + 2 * region(so, s_feat, t_out, t_feat, 0.05)).backward()
+    rv = [s.double().requires_grad_() for s in s_view]
+    ro = [s.double().requires_grad_() for s in s_out]
+    want = reference_view_loss(rv, t_view, center, 0.05, 0.1) + 2 * reference_region_loss(
+        ro, s_feat, [t.double() for t in t_out], t_feat, center.double(), 0.05, 0.1)
+    want.backward()
+    for got, ref in zip(sv + so, rv + ro, strict=True):
+        assert torch.allclose(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_flat_and_stacked_inputs_equal_per_view_lists() -> None:
+    s_view, t_view, s_out, s_feat, t_out, t_feat = make_views(3, 4, 2, seed=4)
+    view, region = ViewLoss(K), RegionLoss(K)
+    assert torch.equal(view(s_view, t_view, 0.04), view(torch.stack(s_view), torch.stack(t_view), 0.04))
+    flat_s = torch.cat([o.reshape(-1, K) for o in s_out])
+    flat_t = torch.cat([o.reshape(-1, K) for o in t_out])
+    assert torch.allclose(region(s_out, s_feat, t_out, t_feat, 0.04), region(flat_s, s_feat, flat_t, t_feat, 0.04))
+    with pytest.raises(ValueError, match="flat region outputs"):
+        region(flat_s[1:], s_feat, flat_t, t_feat, 0.04)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradient_matches_float32(dtype: torch.dtype) -> None:
+    s_view, t_view, *_ = make_views(2, seed=5)
+    low = [s.to(dtype).requires_grad_() for s in s_view]
+    full = [s.to(dtype).float().requires_grad_() for s in s_view]
+    ViewLoss(K)(low, t_view, 0.04).backward()
+    ViewLoss(K)(full, t_view, 0.04).backward()
+    for a, b in zip(low, full, strict=True):
+        assert a.grad.dtype == dtype
+        assert torch.allclose(a.grad.float(), b.grad, rtol=2e-2, atol=1e-3)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esvit.losses.center import Center
-from esvit.losses.view import cross_entropy_to_targets, teacher_probs
+from esvit.losses.cross_entropy import paired_cross_entropy, teacher_probs
 
 
 @torch.no_grad()
@@ -29,13 +29,28 @@ def match_regions(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     return torch.bmm(s, t.transpose(1, 2)).argmax(dim=-1)
 
 
+def flatten_tokens(out: Tensor | Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
+    """Region outputs as one ``(sum_v b * n_v, K)`` tensor in view order (no copy if already flat)."""
+    rows = sum(f.shape[0] * f.shape[1] for f in feats)
+    if isinstance(out, Tensor):
+        if out.ndim != 2 or out.shape[0] != rows:
+            raise ValueError(f"flat region outputs must be ({rows}, K) for the given features, got {tuple(out.shape)}")
+        return out
+    for v, (o, f) in enumerate(zip(out, feats, strict=True)):
+        if o.shape[:2] != f.shape[:2]:
+            raise ValueError(f"view {v}: region outputs {tuple(o.shape)} and features {tuple(f.shape)} disagree")
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+
+
 class RegionLoss(nn.Module):
     """EsViT region-matching loss over all (teacher global view i, student view v != i) pairs.
 
     For student view ``v`` and teacher view ``i``:
     ``j*(n) = argmax_j cos(z_s^v[n], z_t^i[j])`` on backbone features ``z``, then
     ``L_vi = mean_b mean_n sum_k -P_t^i[b, j*(n), k] * log P_s^v[b, n, k]`` on the dense
-    heads' outputs. The result is the mean of ``L_vi`` over all pairs.
+    heads' outputs. The result is the mean of ``L_vi`` over all pairs. The matched teacher
+    rows are looked up by index inside :func:`paired_cross_entropy`, never gathered into
+    ``(b, n_v, K)`` tensors.
 
     Args:
         out_dim: Dense projection output dimension ``K``.
@@ -50,48 +65,75 @@ class RegionLoss(nn.Module):
 
     def forward(
         self,
-        student_out: Sequence[Tensor],
+        student_out: Tensor | Sequence[Tensor],
         student_feat: Sequence[Tensor],
-        teacher_out: Sequence[Tensor],
+        teacher_out: Tensor | Sequence[Tensor],
         teacher_feat: Sequence[Tensor],
         teacher_temp: float,
     ) -> Tensor:
         """Compute the loss.
 
         Args:
-            student_out: Per student view, dense head outputs ``(b, n_v, K)``; the first
-                ``len(teacher_out)`` views are the teacher's global views in the same order.
+            student_out: Dense head outputs, one ``(b, n_v, K)`` tensor per student view, or
+                all of them flattened and concatenated in view order, ``(sum_v b * n_v, K)``
+                (what :class:`~esvit.model.EsViTModel` returns; avoids a copy). The first
+                ``len(teacher_feat)`` views are the teacher's global views in the same order.
             student_feat: Per student view, backbone region features ``(b, n_v, d)``.
-            teacher_out: Per teacher view, dense head outputs ``(b, n_t, K)``.
+            teacher_out: Teacher dense outputs, ``(b, n_t, K)`` per view or flattened likewise.
             teacher_feat: Per teacher view, backbone region features ``(b, n_t, d)``.
             teacher_temp: Current teacher temperature.
 
         Returns:
             Scalar loss (float32).
         """
-        n_t, n_s = len(teacher_out), len(student_out)
-        if len(student_feat) != n_s or len(teacher_feat) != n_t:
-            raise ValueError("student/teacher outputs and features must have one entry per view")
+        n_t, n_s = len(teacher_feat), len(student_feat)
+        if not isinstance(student_out, Tensor) and len(student_out) != n_s:
+            raise ValueError(f"got {len(student_out)} student outputs for {n_s} student feature views")
+        if not isinstance(teacher_out, Tensor) and len(teacher_out) != n_t:
+            raise ValueError(f"got {len(teacher_out)} teacher outputs for {n_t} teacher feature views")
         if n_t < 1 or n_s < 2 or n_s < n_t:
             raise ValueError(f"need >=1 teacher view and >=2 student views (>= teacher views), got {n_t}, {n_s}")
-        center = self.center.center
-        q = [teacher_probs(t, center, teacher_temp) for t in teacher_out]
-        total = student_out[0].new_zeros((), dtype=torch.float32)
-        for v, (s_out, s_feat) in enumerate(zip(student_out, student_feat, strict=True)):
-            # sum over the other teacher views of the matched teacher token distributions
-            target, m = None, 0
-            for i in range(n_t):
+        s = flatten_tokens(student_out, student_feat)
+        t = flatten_tokens(teacher_out, teacher_feat)
+        q = teacher_probs(t, self.center.center, teacher_temp)
+        index, weight = self._pairs(student_feat, teacher_feat)
+        return paired_cross_entropy(s, q, index, weight, self.student_temp)
+
+    @staticmethod
+    @torch.no_grad()
+    def _pairs(student_feat: Sequence[Tensor], teacher_feat: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Matched teacher row and pair weight for every student token and teacher view.
+
+        Returns:
+            ``index`` (long) and ``weight`` (float32), ``(sum_v b * n_v, n_t)``; the pair of a
+            student view with its own global view has weight 0.
+        """
+        n_t, n_s = len(teacher_feat), len(student_feat)
+        n_pairs = n_t * (n_s - 1)
+        t_offsets = [0]
+        for f in teacher_feat:
+            t_offsets.append(t_offsets[-1] + f.shape[0] * f.shape[1])
+        index, weight = [], []
+        for v, s_feat in enumerate(student_feat):
+            b, n_v = s_feat.shape[:2]
+            cols, wcols = [], []
+            for i, t_feat in enumerate(teacher_feat):
                 if i == v:
+                    cols.append(torch.zeros(b * n_v, dtype=torch.long, device=s_feat.device))
+                    wcols.append(torch.zeros(b * n_v, device=s_feat.device))
                     continue
-                idx = match_regions(s_feat, teacher_feat[i])  # (b, n_v)
-                matched = torch.gather(q[i], 1, idx.unsqueeze(-1).expand(-1, -1, q[i].shape[-1]))
-                target = matched if target is None else target.add_(matched)
-                m += 1
-            if m > 0:
-                total = total + cross_entropy_to_targets(s_out, target, self.student_temp).mean()
-        return total / (n_t * (n_s - 1))
+                n_ti = t_feat.shape[1]
+                rows = torch.arange(b, device=s_feat.device)[:, None] * n_ti + match_regions(s_feat, t_feat)
+                cols.append((t_offsets[i] + rows).reshape(-1))
+                wcols.append(torch.full((b * n_v,), 1.0 / (b * n_v * n_pairs), device=s_feat.device))
+            index.append(torch.stack(cols, dim=1))
+            weight.append(torch.stack(wcols, dim=1))
+        return torch.cat(index), torch.cat(weight)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+    def update_center(self, teacher_out: Tensor | Sequence[Tensor]) -> None:
         """Update the region centre with every teacher region token of all global views."""
-        self.center.update(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_out]))
+        if isinstance(teacher_out, Tensor):
+            self.center.update(teacher_out)
+        else:
+            self.center.update(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_out]))

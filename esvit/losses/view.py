@@ -5,57 +5,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esvit.losses.center import Center
+from esvit.losses.cross_entropy import paired_cross_entropy, teacher_probs
 
 
-def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-    """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)`` in float32.
-
-    Args:
-        teacher_output: Tensor of shape ``(..., K)``.
-        center: Tensor broadcastable to ``teacher_output`` (usually ``(1, K)``).
-        teacher_temp: Teacher temperature ``tau_t``.
-
-    Returns:
-        Probabilities of shape ``(..., K)``, detached.
-    """
-    if teacher_temp <= 0:
-        raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
-    t = (teacher_output.detach().float() - center.float()) / teacher_temp
-    return F.softmax(t, dim=-1)
+def stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
+    """Views as one ``(n_views, b, K)`` tensor: a stacked tensor is returned as is (no copy)."""
+    if isinstance(views, Tensor):
+        if views.ndim != 3:
+            raise ValueError(f"stacked views must be (n_views, b, K), got {tuple(views.shape)}")
+        return views
+    if len(views) == 0:
+        return torch.empty(0, 0, 0)
+    return torch.stack(list(views))
 
 
-def student_log_probs(student_output: Tensor, student_temp: float) -> Tensor:
-    """Student log-distribution ``log_softmax(s / tau_s)`` computed in float32 (stable)."""
-    return F.log_softmax(student_output.float() / student_temp, dim=-1)
+def view_pairs(n_student: int, n_teacher: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index and weight of every (teacher view i, student view v != i) pair, per student row.
 
-
-def cross_entropy_to_targets(student_output: Tensor, target_sum: Tensor, student_temp: float) -> Tensor:
-    """Summed cross-entropy of several teacher distributions against one student output.
-
-    ``sum_j CE(q_j, s) = -<sum_j q_j, log_softmax(s / tau_s)>``: the targets of one student row
-    are summed first, so the large ``(..., K)`` student output is read by one fused
-    ``log_softmax`` and one dot product however many teacher views it is compared with.
-
-    Args:
-        student_output: Student logits ``(..., K)`` (any float dtype; computed in float32).
-        target_sum: Sum of the teacher distributions for each row, ``(..., K)``.
-        student_temp: Student temperature ``tau_s``.
+    Student row ``v * b + n`` is compared with teacher rows ``i * b + n`` for ``i != v``; each
+    pair weighs ``1 / (b * n_pairs)``, so the loss is the mean over pairs of the batch mean.
 
     Returns:
-        Per-row summed cross-entropy ``(...)`` in float32.
+        ``index`` (long) and ``weight`` (float32), both ``(n_student * b, n_teacher)``.
     """
-    return -(target_sum * student_log_probs(student_output, student_temp)).sum(dim=-1)
+    v = torch.arange(n_student, device=device).repeat_interleave(batch)  # student view of each row
+    n = torch.arange(batch, device=device).repeat(n_student)  # sample of each row
+    i = torch.arange(n_teacher, device=device)
+    index = i[None, :] * batch + n[:, None]
+    weight = (v[:, None] != i[None, :]).float() / (batch * n_teacher * (n_student - 1))
+    return index, weight
 
 
 class ViewLoss(nn.Module):
     """DINO view-level loss over all (teacher global view i, student view v != i) pairs.
 
     ``L = mean_{i, v != i} mean_b  sum_k -P_t^i[b, k] * log P_s^v[b, k]`` with
-    ``P_t = softmax((t - center) / tau_t)`` and ``log P_s = log_softmax(s / tau_s)``.
+    ``P_t = softmax((t - center) / tau_t)`` and ``log P_s = log_softmax(s / tau_s)``, computed
+    block by block without ``(n_pairs, b, K)`` temporaries (:func:`paired_cross_entropy`).
 
     The module is pure apart from its EMA centre: the temperature is passed in, and the centre
     is only changed by an explicit :meth:`update_center` call.
@@ -72,34 +61,35 @@ class ViewLoss(nn.Module):
         self.center = Center(out_dim, center_momentum)
 
     def forward(
-        self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor], teacher_temp: float
+        self,
+        student_out: Tensor | Sequence[Tensor],
+        teacher_out: Tensor | Sequence[Tensor],
+        teacher_temp: float,
     ) -> Tensor:
         """Compute the loss.
 
         Args:
-            student_out: One ``(b, K)`` tensor per student view; the first ``len(teacher_out)``
-                are the global views seen by the teacher, in the same order.
-            teacher_out: One ``(b, K)`` tensor per teacher (global) view.
+            student_out: Student views, one ``(b, K)`` tensor per view or all of them stacked
+                ``(n_s, b, K)``; the first ``n_t`` are the global views seen by the teacher, in
+                the same order.
+            teacher_out: Teacher (global) views, ``(b, K)`` each or stacked ``(n_t, b, K)``.
             teacher_temp: Current teacher temperature.
 
         Returns:
             Scalar loss (float32).
         """
-        n_t, n_s = len(teacher_out), len(student_out)
+        s, t = stack_views(student_out), stack_views(teacher_out)
+        n_s, n_t = s.shape[0], t.shape[0]
         if n_t < 1 or n_s < 2 or n_s < n_t:
             raise ValueError(f"need >=1 teacher view and >=2 student views (>= teacher views), got {n_t}, {n_s}")
-        center = self.center.center
-        q = [teacher_probs(t, center, teacher_temp) for t in teacher_out]
-        q_all = torch.stack(q).sum(dim=0) if n_t > 1 else q[0]
-        total = student_out[0].new_zeros((), dtype=torch.float32)
-        for v, s in enumerate(student_out):
-            # every teacher view except the one showing the same crop as student view v
-            target, m = (q_all - q[v], n_t - 1) if v < n_t else (q_all, n_t)
-            if m > 0:
-                total = total + cross_entropy_to_targets(s, target, self.student_temp).mean()
-        return total / (n_t * (n_s - 1))
+        if s.shape[1:] != t.shape[1:]:
+            raise ValueError(f"student views {tuple(s.shape[1:])} and teacher views {tuple(t.shape[1:])} differ")
+        b, k = s.shape[1], s.shape[2]
+        q = teacher_probs(t.reshape(n_t * b, k), self.center.center, teacher_temp)
+        index, weight = view_pairs(n_s, n_t, b, s.device)
+        return paired_cross_entropy(s.reshape(n_s * b, k), q, index, weight, self.student_temp)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+    def update_center(self, teacher_out: Tensor | Sequence[Tensor]) -> None:
         """Update the centre with the teacher outputs of all global views."""
-        self.center.update(torch.cat(list(teacher_out)))
+        self.center.update(stack_views(teacher_out))

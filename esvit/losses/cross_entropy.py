@@ -1,0 +1,189 @@
+"""Memory-lean soft-target cross-entropy shared by the view and region losses.
+
+With ``K = 65536`` prototypes a batch of a few thousand student rows makes ``(N, K)`` tensors of
+hundreds of megabytes. Written with plain ops, ``log_softmax``, the temperature division, the
+target gather and the product each read and write such a tensor (and the fresh allocations
+page-fault on the CPU). Here every pass runs over a block of rows that stays in cache, the
+teacher target of a student row is looked up by index instead of being materialised per pair,
+and the backward pass writes the gradient once:
+
+    L = sum_r sum_p w[r, p] * CE(Q[j(r, p)], log_softmax(S[r] / tau))
+      = sum_r ( W_r * lse_r - sum_p w[r, p] <Q[j(r, p)], S[r]> / tau ),   W_r = sum_p w[r, p]
+    dL/dS[r] = ( W_r * softmax(S[r] / tau) - sum_p w[r, p] Q[j(r, p)] ) / tau
+
+(``sum_k Q[j, k] = 1``; ``lse_r = logsumexp(S[r] / tau)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# Elements per block of rows: ~4 MB of float32 stays in a CPU core's cache; on a GPU one block
+# is enough (bandwidth is plentiful and every extra block is a kernel launch).
+_CPU_BLOCK_ELEMENTS = 1 << 20
+_GPU_BLOCK_ELEMENTS = 1 << 28
+
+
+def _block_rows(x: Tensor) -> int:
+    elements = _GPU_BLOCK_ELEMENTS if x.device.type != "cpu" else _CPU_BLOCK_ELEMENTS
+    return max(1, elements // max(1, x.shape[-1]))
+
+
+def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)`` in float32.
+
+    Args:
+        teacher_output: Tensor of shape ``(..., K)``.
+        center: Tensor broadcastable to one row, usually ``(1, K)``.
+        teacher_temp: Teacher temperature ``tau_t``.
+
+    Returns:
+        Probabilities of shape ``(..., K)``, detached.
+    """
+    if teacher_temp <= 0:
+        raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
+    t = teacher_output.detach()
+    flat = t.reshape(-1, t.shape[-1])
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    c = center.detach().float().reshape(1, -1)
+    step = _block_rows(flat)
+    scratch = _Scratch(step, flat.shape[1], flat.device)
+    with torch.no_grad():
+        for r in range(0, flat.shape[0], step):
+            n = min(step, flat.shape[0] - r)
+            block = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(teacher_temp)
+            torch.softmax(block, dim=-1, out=out[r : r + n])
+    return out.reshape(t.shape)
+
+
+@torch.no_grad()
+def softmax_entropy(logits: Tensor, temp: float, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Entropy and mean of ``softmax((logits - center) / temp)`` without ``(N, K)`` temporaries.
+
+    Args:
+        logits: ``(..., K)``.
+        temp: Temperature.
+        center: Optional centre broadcastable to one row.
+
+    Returns:
+        Per-row entropy in nats ``(N,)`` (rows flattened) and the mean distribution ``(K,)``,
+        both float32.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    mean = torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device)
+    step = _block_rows(flat)
+    scratch = _Scratch(step, flat.shape[1], flat.device)
+    c = center.detach().float().reshape(1, -1) if center is not None else 0.0
+    for r in range(0, flat.shape[0], step):
+        n = min(step, flat.shape[0] - r)
+        x = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(temp)
+        log_p = torch.log_softmax(x, dim=-1, out=scratch("log_p", n))
+        p = torch.exp(log_p, out=scratch("probs", n))
+        entropy[r : r + n] = torch.linalg.vecdot(p, log_p).neg_()
+        mean += p.sum(0)
+    return entropy, mean / max(1, flat.shape[0])
+
+
+class _Scratch:
+    """Float32 scratch blocks of ``rows x K`` reused for every row block of one call.
+
+    Fresh multi-megabyte temporaries per block would be handed back to the OS by the allocator
+    and page-faulted in again on the next block, which costs more than the arithmetic.
+    """
+
+    def __init__(self, rows: int, cols: int, device: torch.device) -> None:
+        self.rows, self.cols, self.device = rows, cols, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, n: int, pairs: int = 1) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = torch.empty(self.rows * pairs, self.cols, dtype=torch.float32, device=self.device)
+            self._buffers[name] = buf
+        return buf[: n * pairs]
+
+
+def _targets(probs: Tensor, index: Tensor, weight: Tensor, scratch: _Scratch) -> Tensor:
+    """``sum_p weight[r, p] * probs[index[r, p]]`` for a block of rows: ``(rows, K)``."""
+    rows, pairs = index.shape
+    picked = torch.index_select(probs, 0, index.reshape(-1), out=scratch("picked", rows, pairs))
+    out = scratch("target", rows)
+    torch.bmm(weight.unsqueeze(1), picked.view(rows, pairs, -1), out=out.view(rows, 1, -1))
+    return out
+
+
+class _PairedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, student: Tensor, probs: Tensor, index: Tensor, weight: Tensor, student_temp: float
+    ) -> Tensor:
+        step = _block_rows(student)
+        scratch = _Scratch(step, student.shape[1], student.device)
+        dots = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        for r in range(0, student.shape[0], step):
+            n = min(step, student.shape[0] - r)
+            s = scratch("logits", n).copy_(student[r : r + n]).div_(student_temp)
+            log_p = torch.log_softmax(s, dim=-1, out=scratch("log_p", n))
+            tgt = _targets(probs, index[r : r + n], weight[r : r + n], scratch)
+            torch.linalg.vecdot(tgt, log_p, out=dots[r : r + n])
+        ctx.save_for_backward(student, probs, index, weight)
+        ctx.student_temp = student_temp
+        return -dots.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        student, probs, index, weight = ctx.saved_tensors
+        scale = grad_out.float() / ctx.student_temp
+        grad = torch.empty_like(student)
+        step = _block_rows(student)
+        scratch = _Scratch(step, student.shape[1], student.device)
+        for r in range(0, student.shape[0], step):
+            n = min(step, student.shape[0] - r)
+            w = weight[r : r + n]
+            s = scratch("logits", n).copy_(student[r : r + n]).div_(ctx.student_temp)
+            p = torch.softmax(s, dim=-1, out=scratch("probs", n))
+            # (W_r * softmax - sum_p w_p Q[j_p]) * g / tau, written straight into the gradient
+            neg_tgt = _targets(probs, index[r : r + n], w * -scale, scratch)
+            if grad.dtype == torch.float32:
+                torch.addcmul(neg_tgt, p, w.sum(-1, keepdim=True) * scale, out=grad[r : r + n])
+            else:
+                grad[r : r + n] = neg_tgt.addcmul_(p, w.sum(-1, keepdim=True) * scale)
+        return grad, None, None, None, None
+
+
+def paired_cross_entropy(
+    student_logits: Tensor, probs: Tensor, index: Tensor, weight: Tensor, student_temp: float
+) -> Tensor:
+    """Weighted sum of cross-entropies between teacher rows and student rows.
+
+    ``sum_r sum_p weight[r, p] * -<probs[index[r, p]], log_softmax(student_logits[r] / tau_s)>``,
+    computed block by block (see the module docstring); the gradient flows to
+    ``student_logits`` only.
+
+    Args:
+        student_logits: Student outputs ``(N, K)``, any float dtype (computed in float32).
+        probs: Teacher distributions ``(M, K)`` (rows sum to 1), float32.
+        index: Long tensor ``(N, P)``: the teacher rows each student row is compared with.
+        weight: Float tensor ``(N, P)``: the weight of each pair (0 drops it).
+        student_temp: Student temperature ``tau_s``.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if student_logits.ndim != 2 or probs.ndim != 2 or student_logits.shape[1] != probs.shape[1]:
+        raise ValueError(
+            f"expected student (N, K) and teacher (M, K) rows, got {tuple(student_logits.shape)} and "
+            f"{tuple(probs.shape)}"
+        )
+    if index.shape != weight.shape or index.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"index {tuple(index.shape)} and weight {tuple(weight.shape)} must both be (N={student_logits.shape[0]}, P)"
+        )
+    return _PairedCrossEntropy.apply(
+        student_logits, probs.detach().float(), index, weight.detach().float(), float(student_temp)
+    )
+
