@@ -5,7 +5,7 @@ out_dim 65536. Each variant runs in its own subprocess (so peak RSS is per varia
 other in this one invocation, on the same cores; the script prints images/s, peak RSS and ratios.
 
     pip install -e ".[bench]"     # vit-pytorch, lightly
-    python benchmarks/bench_trainer.py [--iters 5] [--threads 2]
+    python benchmarks/bench_trainer.py [--iters 3] [--rounds 3] [--threads 2]
 
 What each step includes:
 - esvit: per-sample multi-crop augmentation of a uint8 batch, student on all 4 crops, teacher on
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -146,27 +147,44 @@ def child(name: str, iters: int, threads: int) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def _run_child(name: str, iters: int, threads: int) -> dict | None:
+    proc = subprocess.run([sys.executable, __file__, "--only", name, "--iters", str(iters),
+                           "--threads", str(threads)], capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(f"{name}: failed\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3, help="timed steps per run (after 2 warm-up steps)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs per variant, interleaved (A B C A B C ...); the median is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:
         child(args.only, args.iters, args.threads)
         return
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for r in range(args.rounds):  # interleaved, so slow phases of a shared machine hit every variant
+        for name in VARIANTS:
+            res = _run_child(name, args.iters, args.threads)
+            if res:
+                runs[name].append(res)
+                print(f"round {r + 1} {name:18s} {res['images_per_s']:6.1f} img/s  "
+                      f"{res['images_per_cpu_s']:6.1f} img/CPU-s", flush=True)
     results = {}
-    for name in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, "--only", name, "--iters", str(args.iters),
-                               "--threads", str(args.threads)], capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name}: failed\n{proc.stderr[-2000:]}")
+    print(f"\nmedian of {args.rounds} interleaved runs ({args.iters} steps each, {args.threads} threads):")
+    for name, rs in runs.items():
+        if not rs:
             continue
-        results[name] = json.loads(line[0][7:])
-        r = results[name]
-        print(f"{name:18s} {r['images_per_s']:7.1f} img/s (wall)  {r['images_per_cpu_s']:7.1f} img/CPU-s  "
-              f"step {r['step_s']:.2f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+        results[name] = med
+        print(f"{name:18s} {med['images_per_s']:7.1f} img/s (wall)  {med['images_per_cpu_s']:7.1f} img/CPU-s  "
+              f"step {med['step_s']:.2f}s  peak RSS {med['peak_rss_mb']:.0f} MB", flush=True)
     if "esvit" in results:
         print("\nesvit / other throughput ratio (>= 1 means esvit is at least as fast):")
         e = results["esvit"]

@@ -70,7 +70,9 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
     tr = EsViTTrainer(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens,
                       global_size=args.size, local_size=args.local_size, n_local=args.n_local,
                       global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), out_dim=args.out_dim,
-                      hidden_dim=args.hidden_dim, bottleneck_dim=256, seed=0)
+                      hidden_dim=args.hidden_dim, bottleneck_dim=256, use_bn_in_head=args.bn_head,
+                      norm_last_layer=not args.no_norm_last_layer, seed=0,
+                      augment_options={"blur_p": tuple(args.blur_p), "solarize_p": args.solarize_p})
     opt = torch.optim.AdamW(tr.param_groups(), lr=0.0)
     it = batches(ds, idx, args.batch, True, 0, args.workers)
     budget = args.budget_min * 60
@@ -107,11 +109,30 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
             "backbone": tr.teacher.backbone.net}
 
 
+class TokenMap(torch.nn.Module):
+    """Shows a ViT's patch tokens as a ``(b, d, h, w)`` map on a child ``to_map``: vit_pytorch's
+    EsViTTrainer hooks a layer and only accepts CNN feature maps."""
+
+    def __init__(self, net: torch.nn.Module, spec) -> None:
+        super().__init__()
+        self.net = net
+        self.wrapper = NetWrapper.from_spec(net, spec)
+        self.to_map = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.wrapper(x)
+        side = math.isqrt(tokens.shape[1])
+        return self.to_map(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side))
+
+
 def pretrain_vit_pytorch(net, spec, ds, idx, args) -> dict:
     """The seed reference, used as its README shows (Adam 3e-4, its own defaults)."""
     from vit_pytorch.es_vit import EsViTTrainer as RefTrainer
 
-    tr = RefTrainer(net, image_size=args.size, hidden_layer=spec.layer, num_classes_K=args.out_dim,
+    model, layer = net, spec.layer
+    if spec.layout == "bnd":  # ViT: expose the patch tokens as a map; its views are their mean
+        model, layer = TokenMap(net, spec), "to_map"
+    tr = RefTrainer(model, image_size=args.size, hidden_layer=layer, num_classes_K=args.out_dim,
                     projection_hidden_size=256, projection_layers=4)
     opt = torch.optim.Adam(tr.parameters(), lr=3e-4)
     it = batches(ds, idx, args.batch, True, 0, args.workers)
@@ -130,12 +151,14 @@ def pretrain_vit_pytorch(net, spec, ds, idx, args) -> dict:
             log.info("vit_pytorch step %d loss %.4f (%.0f / %.0f CPU-s)", step, losses[-1],
                      time.process_time() - c0, budget)
     return {"steps": step, "images": step * args.batch, "first_loss": losses[0], "last_loss": losses[-1],
-            "backbone": tr.net}
+            "backbone": net}
 
 
 @torch.no_grad()
-def evaluate(net, spec, ds, train_idx, val_idx, args) -> dict:
-    wrapper = NetWrapper.from_spec(net, spec).eval()
+def evaluate(net, spec, ds, train_idx, val_idx, args, pool: str | None = None) -> dict:
+    """kNN and linear top-1 of the pooled features (``pool``: the backbone's own by default)."""
+    wrapper = NetWrapper(net, spec.layer, spec.layout, pool=pool or spec.pool,
+                         num_prefix_tokens=spec.num_prefix_tokens).eval()
 
     def feats(idx):
         xs, ys = [], []
@@ -157,6 +180,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--backbone-kw", nargs="*", default=[], metavar="KEY=INT",
+                   help="integer backbone arguments, e.g. depth=4 patch_size=4")
     p.add_argument("--size", type=int, default=64, help="global crop / eval input size (canvas is 32 px)")
     p.add_argument("--local-size", type=int, default=32)
     p.add_argument("--n-local", type=int, default=4)
@@ -166,6 +191,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="esvit peak LR per 256 images")
     p.add_argument("--momentum", type=float, default=0.99, help="esvit initial teacher momentum (cosine to 1)")
     p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--blur-p", type=float, nargs=3, default=[1.0, 0.1, 0.5],
+                   help="esvit: Gaussian blur probability of global view 1, global view 2, local views")
+    p.add_argument("--solarize-p", type=float, default=0.2, help="esvit: solarisation probability (2nd global)")
+    p.add_argument("--bn-head", action="store_true", help="esvit: BatchNorm in the projection heads")
+    p.add_argument("--no-norm-last-layer", action="store_true", help="esvit: learn the last layer's row norms")
     p.add_argument("--steps", type=int, default=0, help="esvit schedule length (0: estimated from the budget)")
     p.add_argument("--budget-min", type=float, default=30.0, help="CPU minutes of pretraining per method")
     p.add_argument("--val-per-class", type=int, default=500)
@@ -186,10 +216,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         eval_train = sorted(torch.tensor(train_idx)[torch.randperm(len(train_idx), generator=g)[:args.eval_train]].tolist())
     log.info("pretrain %d images, eval bank %d, val %d", len(train_idx), len(eval_train), len(val_idx))
+    backbone_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.backbone_kw)}
     results = {"settings": {k: v for k, v in vars(args).items()}}
     for method in args.methods:
         torch.manual_seed(0)
-        net, spec = build_backbone(args.backbone)
+        net, spec = build_backbone(args.backbone, **backbone_kw)
         t0 = time.perf_counter()
         info: dict = {}
         if method == "esvit":
@@ -199,13 +230,19 @@ def main() -> None:
             info = pretrain_vit_pytorch(net, spec, ds, train_idx, args)
             net = info.pop("backbone")
         info["pretrain_wall_s"] = time.perf_counter() - t0
-        info.update(evaluate(net, spec, ds, eval_train, val_idx, args))
+        # every method is scored with the backbone's pooling and with the mean of the tokens; the
+        # better kNN of the two counts (a random ViT's CLS token is a weaker baseline than its mean)
+        pools = sorted({spec.pool, "avg"})
+        scores = {pool: evaluate(net, spec, ds, eval_train, val_idx, args, pool) for pool in pools}
+        best = max(pools, key=lambda pool: scores[pool]["knn_top1"])
+        info.update(pool=best, pool_scores=scores, **scores[best])
         results[method] = info
         log.info("%s: %s", method, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in info.items()})
-    print("\nmethod        steps  images   kNN top-1  linear top-1")
+    print("\nmethod        steps  images  pool   kNN top-1  linear top-1")
     for m in args.methods:
         r = results[m]
-        print(f"{m:12s} {r.get('steps', 0):6d} {r.get('images', 0):7d}   {r['knn_top1']:8.2f}   {r['linear_top1']:10.2f}")
+        print(f"{m:12s} {r.get('steps', 0):6d} {r.get('images', 0):7d}  {r['pool']:4s}  {r['knn_top1']:9.2f}   "
+              f"{r['linear_top1']:10.2f}")
     if "random" in results and "esvit" in results:
         d = results["esvit"]["knn_top1"] - results["random"]["knn_top1"]
         print(f"\nesvit kNN gain over random weights: {d:+.2f} points")

@@ -48,6 +48,11 @@ class AugmentConfig:
     n_local: int = 8
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    # Gaussian blur probability of (global view 1, global view 2, local views), as in DINO. Small
+    # images (CIFAR, 32 px) need none: a sigma of 2 px erases most of a 32 px image.
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
 
 
 @dataclass
@@ -268,6 +273,11 @@ def validate(cfg: Config) -> Config:
     a = cfg.augment
     if a.local_size > a.global_size:
         raise ConfigError(f"augment.local_size: {a.local_size} is larger than augment.global_size {a.global_size}")
+    if not all(0 <= p <= 1 for p in (*a.blur_p, a.solarize_p)):
+        raise ConfigError(f"augment.blur_p / augment.solarize_p: probabilities must be in [0, 1], "
+                          f"got {a.blur_p}, {a.solarize_p}")
+    if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
+        raise ConfigError(f"augment.blur_sigma: must satisfy 0 < min <= max, got {a.blur_sigma}")
     for key in ("augment.global_scale", "augment.local_scale"):
         lo, hi = _get(cfg, key)
         if not 0 < lo <= hi <= 1:

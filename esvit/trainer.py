@@ -47,6 +47,8 @@ class EsViTTrainer(nn.Module):
         region_loss: Also train the region-level task (EsViT); False gives plain DINO.
         augment: A custom augmentation module (``uint8 (b,3,H,W) -> list of views``); built
             from the crop arguments when None.
+        augment_options: Further :class:`MultiCropAugmentation` arguments (``blur_p``,
+            ``blur_sigma``, ``solarize_p``, ...), used when ``augment`` is None.
         seed: Seed of the augmentation's random generator.
         channels_last: Run convolutional backbones in NHWC memory format (faster with
             oneDNN/cuDNN). None: on when the backbone has more than one ``Conv2d``
@@ -75,6 +77,7 @@ class EsViTTrainer(nn.Module):
         center_momentum: float = 0.9,
         region_loss: bool = True,
         augment: nn.Module | None = None,
+        augment_options: dict | None = None,
         seed: int | None = None,
         channels_last: bool | None = None,
     ) -> None:
@@ -85,7 +88,7 @@ class EsViTTrainer(nn.Module):
             raise ValueError(f"local_size ({local_size}) must not exceed global_size ({global_size})")
         self.augment = augment or MultiCropAugmentation(
             global_size=global_size, local_size=local_size, n_local=n_local,
-            global_scale=global_scale, local_scale=local_scale, seed=seed,
+            global_scale=global_scale, local_scale=local_scale, seed=seed, **(augment_options or {}),
         )
         wrapper = NetWrapper(net, layer, layout, pool=pool, num_prefix_tokens=num_prefix_tokens)
         if channels_last is None:

@@ -208,3 +208,15 @@ def test_low_precision_gradient_matches_float32(dtype: torch.dtype) -> None:
     for a, b in zip(low, full, strict=True):
         assert a.grad.dtype == dtype
         assert torch.allclose(a.grad.float(), b.grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+def test_softmax_entropy_matches_formula() -> None:
+    from esvit.losses.cross_entropy import softmax_entropy
+
+    x, c = torch.randn(7, K) * 4, torch.randn(1, K)
+    ent, mean = softmax_entropy(x.to(torch.bfloat16), 0.05, c)
+    p = F.softmax((x.to(torch.bfloat16).float() - c) / 0.05, dim=-1)
+    assert torch.allclose(ent, -torch.special.xlogy(p, p).sum(-1), atol=1e-4)
+    assert torch.allclose(mean, p.mean(0), atol=1e-6)
+    assert ent.shape == (7,) and mean.shape == (K,)

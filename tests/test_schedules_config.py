@@ -85,6 +85,9 @@ def test_overrides_and_roundtrip(tmp_path: Path) -> None:
         ("augment.n_local=-1", "augment.n_local"),
         ("augment.local_size=64", "augment.local_size"),
         ("augment.local_scale=[0.5, 0.1]", "augment.local_scale"),
+        ("augment.blur_p=[1.0, 0.1, 1.5]", "augment.blur_p"),
+        ("augment.blur_p=[1.0, 0.1]", "augment.blur_p"),
+        ("augment.blur_sigma=[2.0, 0.1]", "augment.blur_sigma"),
         ("optim.amp=fp8", "optim.amp"),
         ("logging.wandb=yes", "logging.wandb"),
         ("optim.batch_size=30", "optim.batch_size"),
@@ -117,3 +120,14 @@ def test_lr_scaling_rule() -> None:
     s = build_schedules(cfg, steps_per_epoch=10)
     assert s.at(0).lr == pytest.approx(cfg.optim.lr * 2)
     assert math.isclose(s.at(s.total_steps).lr, cfg.optim.min_lr)
+
+
+def test_augment_options_reach_the_trainer() -> None:
+    from esvit.train.loop import build_trainer
+
+    cfg = load_config(CONFIGS / "debug_cpu.yaml", ["augment.blur_p=[0, 0, 0.25]", "augment.solarize_p=0.5",
+                                                   "augment.blur_sigma=[0.2, 1.0]"])
+    aug = build_trainer(cfg, seed=0).augment
+    assert aug.blur_p == (0.0, 0.0, 0.25) and aug.solarize_p == 0.5 and aug.blur_sigma == (0.2, 1.0)
+    for name in ("cifar10_resnet18.yaml", "cifar10_vit_tiny.yaml"):  # 32 px images: no blur
+        assert load_config(CONFIGS / name).augment.blur_p == (0.0, 0.0, 0.0)

@@ -58,6 +58,7 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
         out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
         use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
         student_temp=t.student_temp, center_momentum=t.center_momentum, region_loss=m.region_loss,
+        augment_options={"blur_p": a.blur_p, "blur_sigma": a.blur_sigma, "solarize_p": a.solarize_p},
         seed=seed,
     )
 
