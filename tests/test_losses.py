@@ -220,3 +220,13 @@ def test_softmax_entropy_matches_formula() -> None:
     assert torch.allclose(ent, -torch.special.xlogy(p, p).sum(-1), atol=1e-4)
     assert torch.allclose(mean, p.mean(0), atol=1e-6)
     assert ent.shape == (7,) and mean.shape == (K,)
+
+
+def test_losses_under_autocast_equal_float32_of_same_inputs() -> None:
+    s_view, t_view, s_out, s_feat, t_out, t_feat = make_views(1, seed=6)
+    view, region = ViewLoss(K), RegionLoss(K)
+    want = view(s_view, t_view, 0.04) + region(s_out, s_feat, t_out, t_feat, 0.04)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = view(s_view, t_view, 0.04) + region(s_out, s_feat, t_out, t_feat, 0.04)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-6)

@@ -20,15 +20,21 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-# Elements per block of rows: ~4 MB of float32 stays in a CPU core's cache; on a GPU one block
-# is enough (bandwidth is plentiful and every extra block is a kernel launch).
+# Elements per block of rows: ~4 MB of float32 stays in a CPU core's cache. On a GPU blocks are
+# larger (fewer kernel launches) but bounded: the scratch buffers are ~5 blocks, 1.3 GB at 2^26
+# elements, where a dense-region batch (e.g. 40k tokens x 65536) would need ~10 GB per temporary.
 _CPU_BLOCK_ELEMENTS = 1 << 20
-_GPU_BLOCK_ELEMENTS = 1 << 28
+_GPU_BLOCK_ELEMENTS = 1 << 26
 
 
 def _block_rows(x: Tensor) -> int:
     elements = _GPU_BLOCK_ELEMENTS if x.device.type != "cpu" else _CPU_BLOCK_ELEMENTS
     return max(1, elements // max(1, x.shape[-1]))
+
+
+def _float32(x: Tensor) -> torch.autocast:
+    """Autocast off: the blocks are float32 by construction and ``out=`` buffers are float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
@@ -50,7 +56,7 @@ def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -
     c = center.detach().float().reshape(1, -1)
     step = _block_rows(flat)
     scratch = _Scratch(step, flat.shape[1], flat.device)
-    with torch.no_grad():
+    with torch.no_grad(), _float32(flat):
         for r in range(0, flat.shape[0], step):
             n = min(step, flat.shape[0] - r)
             block = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(teacher_temp)
@@ -77,13 +83,14 @@ def softmax_entropy(logits: Tensor, temp: float, center: Tensor | None = None) -
     step = _block_rows(flat)
     scratch = _Scratch(step, flat.shape[1], flat.device)
     c = center.detach().float().reshape(1, -1) if center is not None else 0.0
-    for r in range(0, flat.shape[0], step):
-        n = min(step, flat.shape[0] - r)
-        x = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(temp)
-        log_p = torch.log_softmax(x, dim=-1, out=scratch("log_p", n))
-        p = torch.exp(log_p, out=scratch("probs", n))
-        entropy[r : r + n] = torch.linalg.vecdot(p, log_p).neg_()
-        mean += p.sum(0)
+    with _float32(flat):
+        for r in range(0, flat.shape[0], step):
+            n = min(step, flat.shape[0] - r)
+            x = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(temp)
+            log_p = torch.log_softmax(x, dim=-1, out=scratch("log_p", n))
+            p = torch.exp(log_p, out=scratch("probs", n))
+            entropy[r : r + n] = torch.linalg.vecdot(p, log_p).neg_()
+            mean += p.sum(0)
     return entropy, mean / max(1, flat.shape[0])
 
 
@@ -123,12 +130,13 @@ class _PairedCrossEntropy(torch.autograd.Function):
         step = _block_rows(student)
         scratch = _Scratch(step, student.shape[1], student.device)
         dots = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-        for r in range(0, student.shape[0], step):
-            n = min(step, student.shape[0] - r)
-            s = scratch("logits", n).copy_(student[r : r + n]).div_(student_temp)
-            log_p = torch.log_softmax(s, dim=-1, out=scratch("log_p", n))
-            tgt = _targets(probs, index[r : r + n], weight[r : r + n], scratch)
-            torch.linalg.vecdot(tgt, log_p, out=dots[r : r + n])
+        with _float32(student):
+            for r in range(0, student.shape[0], step):
+                n = min(step, student.shape[0] - r)
+                s = scratch("logits", n).copy_(student[r : r + n]).div_(student_temp)
+                log_p = torch.log_softmax(s, dim=-1, out=scratch("log_p", n))
+                tgt = _targets(probs, index[r : r + n], weight[r : r + n], scratch)
+                torch.linalg.vecdot(tgt, log_p, out=dots[r : r + n])
         ctx.save_for_backward(student, probs, index, weight)
         ctx.student_temp = student_temp
         return -dots.sum()
@@ -141,17 +149,18 @@ class _PairedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(student)
         step = _block_rows(student)
         scratch = _Scratch(step, student.shape[1], student.device)
-        for r in range(0, student.shape[0], step):
-            n = min(step, student.shape[0] - r)
-            w = weight[r : r + n]
-            s = scratch("logits", n).copy_(student[r : r + n]).div_(ctx.student_temp)
-            p = torch.softmax(s, dim=-1, out=scratch("probs", n))
-            # (W_r * softmax - sum_p w_p Q[j_p]) * g / tau, written straight into the gradient
-            neg_tgt = _targets(probs, index[r : r + n], w * -scale, scratch)
-            if grad.dtype == torch.float32:
-                torch.addcmul(neg_tgt, p, w.sum(-1, keepdim=True) * scale, out=grad[r : r + n])
-            else:
-                grad[r : r + n] = neg_tgt.addcmul_(p, w.sum(-1, keepdim=True) * scale)
+        with _float32(student):
+            for r in range(0, student.shape[0], step):
+                n = min(step, student.shape[0] - r)
+                w = weight[r : r + n]
+                s = scratch("logits", n).copy_(student[r : r + n]).div_(ctx.student_temp)
+                p = torch.softmax(s, dim=-1, out=scratch("probs", n))
+                # (W_r * softmax - sum_p w_p Q[j_p]) * g / tau, written straight into the gradient
+                neg_tgt = _targets(probs, index[r : r + n], w * -scale, scratch)
+                if grad.dtype == torch.float32:
+                    torch.addcmul(neg_tgt, p, w.sum(-1, keepdim=True) * scale, out=grad[r : r + n])
+                else:
+                    grad[r : r + n] = neg_tgt.addcmul_(p, w.sum(-1, keepdim=True) * scale)
         return grad, None, None, None, None
 
 
