@@ -10,7 +10,7 @@ pooled features (the backbone's pooling and the token mean; the better kNN of th
 every method), top-1 on the validation split.
 
 Defaults: ``vit_nano`` at 32 px, 2 global 32 px + 4 local 16 px crops, batch 256, heads 512 wide
-with 1024 outputs and BatchNorm, AdamW 1e-3, teacher momentum 0.99 -> 1, no blur, one thread.
+with 1024 outputs and BatchNorm, AdamW 1e-3, teacher momentum 0.99 (constant), no blur, one thread.
 Run the methods as two processes side by side, one core each:
 
     pip install -e ".[bench]"
@@ -197,7 +197,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="esvit peak LR per 256 images")
     p.add_argument("--momentum", type=float, default=0.99, help="esvit initial teacher momentum (cosine to 1)")
-    p.add_argument("--momentum-end", type=float, default=1.0, help="esvit final teacher momentum")
+    p.add_argument("--momentum-end", type=float, default=0.99, help="esvit final teacher momentum")
     p.add_argument("--teacher-temp", type=float, default=0.04)
     p.add_argument("--blur-p", type=float, nargs=3, default=[0.0, 0.0, 0.0],
                    help="esvit: Gaussian blur probability of global view 1, global view 2, local views")
