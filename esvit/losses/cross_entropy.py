@@ -16,6 +16,8 @@ and the backward pass writes the gradient once:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -37,63 +39,6 @@ def _float32(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-    """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)`` in float32.
-
-    Args:
-        teacher_output: Tensor of shape ``(..., K)``.
-        center: Tensor broadcastable to one row, usually ``(1, K)``.
-        teacher_temp: Teacher temperature ``tau_t``.
-
-    Returns:
-        Probabilities of shape ``(..., K)``, detached.
-    """
-    if teacher_temp <= 0:
-        raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
-    t = teacher_output.detach()
-    flat = t.reshape(-1, t.shape[-1])
-    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    c = center.detach().float().reshape(1, -1)
-    step = _block_rows(flat)
-    scratch = _Scratch(step, flat.shape[1], flat.device)
-    with torch.no_grad(), _float32(flat):
-        for r in range(0, flat.shape[0], step):
-            n = min(step, flat.shape[0] - r)
-            block = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(teacher_temp)
-            torch.softmax(block, dim=-1, out=out[r : r + n])
-    return out.reshape(t.shape)
-
-
-@torch.no_grad()
-def softmax_entropy(logits: Tensor, temp: float, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Entropy and mean of ``softmax((logits - center) / temp)`` without ``(N, K)`` temporaries.
-
-    Args:
-        logits: ``(..., K)``.
-        temp: Temperature.
-        center: Optional centre broadcastable to one row.
-
-    Returns:
-        Per-row entropy in nats ``(N,)`` (rows flattened) and the mean distribution ``(K,)``,
-        both float32.
-    """
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    mean = torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device)
-    step = _block_rows(flat)
-    scratch = _Scratch(step, flat.shape[1], flat.device)
-    c = center.detach().float().reshape(1, -1) if center is not None else 0.0
-    with _float32(flat):
-        for r in range(0, flat.shape[0], step):
-            n = min(step, flat.shape[0] - r)
-            x = scratch("logits", n).copy_(flat[r : r + n]).sub_(c).div_(temp)
-            log_p = torch.log_softmax(x, dim=-1, out=scratch("log_p", n))
-            p = torch.exp(log_p, out=scratch("probs", n))
-            entropy[r : r + n] = torch.linalg.vecdot(p, log_p).neg_()
-            mean += p.sum(0)
-    return entropy, mean / max(1, flat.shape[0])
-
-
 class _Scratch:
     """Float32 scratch blocks of ``rows x K`` reused for every row block of one call.
 
@@ -113,6 +58,73 @@ class _Scratch:
         return buf[: n * pairs]
 
 
+def _scaled_blocks(
+    x: Tensor, temp: float, center: Tensor | None = None
+) -> Iterator[tuple[slice, Tensor, _Scratch]]:
+    """Row blocks of ``(x - center) / temp`` as float32 scratch (call under :func:`_float32`).
+
+    Yields:
+        The block's row slice, its scaled logits ``(rows, K)`` and the scratch buffers of the
+        call (reused by every block).
+    """
+    step = _block_rows(x)
+    scratch = _Scratch(step, x.shape[1], x.device)
+    c = center.detach().float().reshape(1, -1) if center is not None else None
+    for r in range(0, x.shape[0], step):
+        rows = slice(r, min(r + step, x.shape[0]))
+        block = scratch("logits", rows.stop - r).copy_(x[rows])
+        if c is not None:
+            block.sub_(c)
+        yield rows, block.div_(temp), scratch
+
+
+def teacher_probs(teacher_output: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)`` in float32.
+
+    Args:
+        teacher_output: Tensor of shape ``(..., K)``.
+        center: Tensor broadcastable to one row, usually ``(1, K)``.
+        teacher_temp: Teacher temperature ``tau_t``.
+
+    Returns:
+        Probabilities of shape ``(..., K)``, detached.
+    """
+    if teacher_temp <= 0:
+        raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
+    t = teacher_output.detach()
+    flat = t.reshape(-1, t.shape[-1])
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    with torch.no_grad(), _float32(flat):
+        for rows, block, _ in _scaled_blocks(flat, teacher_temp, center):
+            torch.softmax(block, dim=-1, out=out[rows])
+    return out.reshape(t.shape)
+
+
+@torch.no_grad()
+def softmax_entropy(logits: Tensor, temp: float, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Entropy and mean of ``softmax((logits - center) / temp)`` without ``(N, K)`` temporaries.
+
+    Args:
+        logits: ``(..., K)``.
+        temp: Temperature.
+        center: Optional centre broadcastable to one row.
+
+    Returns:
+        Per-row entropy in nats ``(N,)`` (rows flattened) and the mean distribution ``(K,)``,
+        both float32.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    mean = torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device)
+    with _float32(flat):
+        for rows, x, scratch in _scaled_blocks(flat, temp, center):
+            log_p = torch.log_softmax(x, dim=-1, out=scratch("log_p", len(x)))
+            p = torch.exp(log_p, out=scratch("probs", len(x)))
+            entropy[rows] = torch.linalg.vecdot(p, log_p).neg_()
+            mean += p.sum(0)
+    return entropy, mean / max(1, flat.shape[0])
+
+
 def _targets(probs: Tensor, index: Tensor, weight: Tensor, scratch: _Scratch) -> Tensor:
     """``sum_p weight[r, p] * probs[index[r, p]]`` for a block of rows: ``(rows, K)``."""
     rows, pairs = index.shape
@@ -127,16 +139,12 @@ class _PairedCrossEntropy(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: FunctionCtx, student: Tensor, probs: Tensor, index: Tensor, weight: Tensor, student_temp: float
     ) -> Tensor:
-        step = _block_rows(student)
-        scratch = _Scratch(step, student.shape[1], student.device)
         dots = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
         with _float32(student):
-            for r in range(0, student.shape[0], step):
-                n = min(step, student.shape[0] - r)
-                s = scratch("logits", n).copy_(student[r : r + n]).div_(student_temp)
-                log_p = torch.log_softmax(s, dim=-1, out=scratch("log_p", n))
-                tgt = _targets(probs, index[r : r + n], weight[r : r + n], scratch)
-                torch.linalg.vecdot(tgt, log_p, out=dots[r : r + n])
+            for rows, s, scratch in _scaled_blocks(student, student_temp):
+                log_p = torch.log_softmax(s, dim=-1, out=scratch("log_p", len(s)))
+                tgt = _targets(probs, index[rows], weight[rows], scratch)
+                torch.linalg.vecdot(tgt, log_p, out=dots[rows])
         ctx.save_for_backward(student, probs, index, weight)
         ctx.student_temp = student_temp
         return -dots.sum()
@@ -147,20 +155,16 @@ class _PairedCrossEntropy(torch.autograd.Function):
         student, probs, index, weight = ctx.saved_tensors
         scale = grad_out.float() / ctx.student_temp
         grad = torch.empty_like(student)
-        step = _block_rows(student)
-        scratch = _Scratch(step, student.shape[1], student.device)
         with _float32(student):
-            for r in range(0, student.shape[0], step):
-                n = min(step, student.shape[0] - r)
-                w = weight[r : r + n]
-                s = scratch("logits", n).copy_(student[r : r + n]).div_(ctx.student_temp)
-                p = torch.softmax(s, dim=-1, out=scratch("probs", n))
+            for rows, s, scratch in _scaled_blocks(student, ctx.student_temp):
+                w = weight[rows]
+                p = torch.softmax(s, dim=-1, out=scratch("probs", len(s)))
                 # (W_r * softmax - sum_p w_p Q[j_p]) * g / tau, written straight into the gradient
-                neg_tgt = _targets(probs, index[r : r + n], w * -scale, scratch)
+                neg_tgt = _targets(probs, index[rows], w * -scale, scratch)
                 if grad.dtype == torch.float32:
-                    torch.addcmul(neg_tgt, p, w.sum(-1, keepdim=True) * scale, out=grad[r : r + n])
+                    torch.addcmul(neg_tgt, p, w.sum(-1, keepdim=True) * scale, out=grad[rows])
                 else:
-                    grad[r : r + n] = neg_tgt.addcmul_(p, w.sum(-1, keepdim=True) * scale)
+                    grad[rows] = neg_tgt.addcmul_(p, w.sum(-1, keepdim=True) * scale)
         return grad, None, None, None, None
 
 
