@@ -163,6 +163,7 @@ _NON_NEGATIVE = (
     "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.freeze_last_layer_epochs",
     "teacher.warmup_temp_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "knn.every_epochs",
 )
+_UNIT = ("augment.solarize_p",)
 
 
 def _type_name(tp: Any) -> str:
@@ -269,13 +270,12 @@ def check_ranges(
 
 def validate(cfg: Config) -> Config:
     """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
-    check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE)
+    check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
     a = cfg.augment
     if a.local_size > a.global_size:
         raise ConfigError(f"augment.local_size: {a.local_size} is larger than augment.global_size {a.global_size}")
-    if not all(0 <= p <= 1 for p in (*a.blur_p, a.solarize_p)):
-        raise ConfigError(f"augment.blur_p / augment.solarize_p: probabilities must be in [0, 1], "
-                          f"got {a.blur_p}, {a.solarize_p}")
+    if not all(0 <= p <= 1 for p in a.blur_p):
+        raise ConfigError(f"augment.blur_p: probabilities must be in [0, 1], got {a.blur_p}")
     if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
         raise ConfigError(f"augment.blur_sigma: must satisfy 0 < min <= max, got {a.blur_sigma}")
     for key in ("augment.global_scale", "augment.local_scale"):

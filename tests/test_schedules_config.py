@@ -88,6 +88,7 @@ def test_overrides_and_roundtrip(tmp_path: Path) -> None:
         ("augment.blur_p=[1.0, 0.1, 1.5]", "augment.blur_p"),
         ("augment.blur_p=[1.0, 0.1]", "augment.blur_p"),
         ("augment.blur_sigma=[2.0, 0.1]", "augment.blur_sigma"),
+        ("augment.solarize_p=1.5", "augment.solarize_p"),
         ("optim.amp=fp8", "optim.amp"),
         ("logging.wandb=yes", "logging.wandb"),
         ("optim.batch_size=30", "optim.batch_size"),
