@@ -71,6 +71,13 @@ def batches(ds, indices: list[int], batch_size: int, shuffle: bool, seed: int, w
             return
 
 
+def estimate_total_steps(step: int, spent: float, budget: float, mark: float) -> int:
+    """Steps that fit in ``budget`` CPU-s: those done plus the rest at the mean CPU time per step
+    since step 3 (``mark`` CPU-s; the first steps are slower)."""
+    per_step = (spent - mark) / (step - 3) if step > 3 else spent / max(step, 1)
+    return max(step + int((budget - spent) / per_step), 4)
+
+
 def pretrain_esvit(net, spec, ds, idx, args) -> dict:
     """esvit with its standard schedules, stretched over the CPU budget."""
     tr = EsViTTrainer(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens,
@@ -82,17 +89,19 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
     opt = torch.optim.AdamW(tr.param_groups(), lr=0.0)
     it = batches(ds, idx, args.batch, True, 0, args.workers)
     budget = args.budget_min * 60
-    step, c0, losses, sched = 0, time.process_time(), [], None
-    while time.process_time() - c0 < budget:
-        if sched is None and (args.steps or step == 3):  # fix the schedule length, then keep it
-            per_step = (time.process_time() - c0) / max(step, 1)
-            total = args.steps or max(int(budget / per_step), 4)
+    step, c0, losses, sched, mark = 0, time.process_time(), [], None, 0.0
+    refits = {3, 30, *range(250, 10**6, 250)}  # the schedules' length is re-estimated at these steps
+    while (spent := time.process_time() - c0) < budget:
+        if step == 3:
+            mark = spent
+        if (args.steps and sched is None) or (not args.steps and step in refits):
+            total = args.steps or estimate_total_steps(step, spent, budget, mark)
             sched = Schedules(steps_per_epoch=total, epochs=1, lr=args.lr * args.batch / 256, warmup_epochs=0.05,
                               warmup_teacher_temp=args.teacher_temp, teacher_temp=args.teacher_temp,
                               warmup_teacher_temp_epochs=0, momentum_teacher=args.momentum,
                               momentum_teacher_end=args.momentum_end,
                               freeze_last_layer_epochs=0.02, weight_decay=0.04, weight_decay_end=0.1)
-            log.info("esvit: %.1f CPU-s/step -> schedules over %d steps", per_step, total)
+            log.info("esvit: step %d, %.0f CPU-s spent -> schedules over %d steps", step, spent, total)
         v = (sched or Schedules(steps_per_epoch=1000, epochs=1, lr=args.lr * args.batch / 256)).at(step)
         for i, g in enumerate(opt.param_groups):
             g["lr"] = v.lr if sched else args.lr * args.batch / 256 * 0.01

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esvit.config import ConfigError, check_ranges, load_yaml_config
+from esvit.config import (
+    CheckpointConfig,
+    ConfigError,
+    LoggingConfig,
+    check_ranges,
+    load_yaml_config,
+)
 
 __all__ = [
     "LOSS_KINDS",
@@ -205,23 +211,14 @@ class DistillEvalConfig:
 
 
 @dataclass
-class DistillLoggingConfig:
-    """Where and how to log (``wandb``: disabled, offline or online)."""
+class DistillLoggingConfig(LoggingConfig):
+    """The pretraining :class:`~esvit.config.LoggingConfig` with distillation defaults."""
 
     output_dir: str = "runs/distill"
-    wandb: str = "offline"
     wandb_project: str = "esvit-distill"
-    log_every: int = 10
-    progress: bool = True
 
 
-@dataclass
-class DistillCheckpointConfig:
-    """Checkpoint frequency and retention (a checkpoint is always written at the end)."""
-
-    every_epochs: int = 1
-    every_steps: int = 0
-    keep_last: int = 3
+DistillCheckpointConfig = CheckpointConfig  # checkpoint frequency and retention, as in pretraining
 
 
 @dataclass
