@@ -130,5 +130,30 @@ def test_augment_options_reach_the_trainer() -> None:
                                                    "augment.blur_sigma=[0.2, 1.0]"])
     aug = build_trainer(cfg, seed=0).augment
     assert aug.blur_p == (0.0, 0.0, 0.25) and aug.solarize_p == 0.5 and aug.blur_sigma == (0.2, 1.0)
-    for name in ("cifar10_resnet18.yaml", "cifar10_vit_tiny.yaml"):  # 32 px images: no blur
+    for name in ("cifar10_resnet18.yaml", "cifar10_vit_tiny.yaml", "cifar10_vit_nano.yaml"):  # 32 px: no blur
         assert load_config(CONFIGS / name).augment.blur_p == (0.0, 0.0, 0.0)
+
+
+def test_vit_nano_config_is_the_quality_benchmark_recipe() -> None:
+    """configs/cifar10_vit_nano.yaml and benchmarks/quality_cifar10.py's esvit defaults agree."""
+    import importlib.util
+
+    path = CONFIGS.parent / "benchmarks" / "quality_cifar10.py"
+    spec = importlib.util.spec_from_file_location("quality_cifar10", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.build_parser().parse_args([])
+    c = load_config(CONFIGS / "cifar10_vit_nano.yaml")
+    m, g, o, t = c.model, c.augment, c.optim, c.teacher
+    assert (m.backbone, m.out_dim, m.hidden_dim, m.bottleneck_dim, m.use_bn_in_head) == (
+        a.backbone, a.out_dim, a.hidden_dim, bench.BOTTLENECK_DIM, a.bn_head)
+    assert m.backbone_kwargs == {"image_size": a.size} and not a.backbone_kw
+    assert (g.global_size, g.local_size, g.n_local, g.blur_p, g.solarize_p) == (
+        a.size, a.local_size, a.n_local, tuple(a.blur_p), a.solarize_p)
+    assert (g.global_scale, g.local_scale) == (bench.GLOBAL_SCALE, bench.LOCAL_SCALE)
+    assert (o.batch_size, o.lr, o.clip_grad, (o.weight_decay, o.weight_decay_end)) == (
+        a.batch, a.lr, bench.CLIP_GRAD, bench.WEIGHT_DECAY)
+    assert o.warmup_epochs / o.epochs == pytest.approx(bench.WARMUP_FRACTION)
+    assert o.freeze_last_layer_epochs / o.epochs == pytest.approx(bench.FREEZE_LAST_LAYER_FRACTION)
+    assert (t.momentum, t.momentum_end, t.warmup_temp, t.temp, t.warmup_temp_epochs) == (
+        a.momentum, a.momentum_end, a.teacher_temp, a.teacher_temp, 0.0)
