@@ -233,6 +233,7 @@ def _vit_nano_equivalent(image_size: int = 32, depth: int = 2, patch_size: int =
 def vit_nano(
     image_size: int = 32, depth: int = 2, patch_size: int = 8
 ) -> tuple[nn.Module, BackboneSpec]:
-    """A very small ViT for smoke tests and debug runs: patch 8, dim 64, 2 heads, MLP 128."""
+    """A very small ViT (patch 8, dim 64, 2 heads, MLP 128): smoke tests, debug runs and the
+    CPU-budget CIFAR-10 quality benchmark (`configs/cifar10_vit_nano.yaml`)."""
     _check_depth(depth)
     return flexible_vit("vit_nano", image_size, patch_size, depth, 2, 64, 128)
