@@ -94,11 +94,12 @@ def pretrain_esvit(net, spec, ds, idx, args) -> dict:
     it = batches(ds, idx, args.batch, True, 0, args.workers)
     budget = args.budget_min * 60
     step, c0, losses, sched, mark = 0, time.process_time(), [], None, 0.0
-    refits = {3, 30, *range(250, 10**6, 250)}  # the schedules' length is re-estimated at these steps
     while (spent := time.process_time() - c0) < budget:
         if step == 3:
             mark = spent
-        if (args.steps and sched is None) or (not args.steps and step in refits):
+        # the schedules' length: fixed by --steps, else estimated at step 3 and re-estimated at
+        # step 30 and every 250 steps
+        if (args.steps and sched is None) or (not args.steps and (step in (3, 30) or step and step % 250 == 0)):
             total = args.steps or estimate_total_steps(step, spent, budget, mark)
             sched = Schedules(steps_per_epoch=total, epochs=1, lr=args.lr * args.batch / 256, warmup_epochs=WARMUP_FRACTION,
                               warmup_teacher_temp=args.teacher_temp, teacher_temp=args.teacher_temp,
