@@ -25,13 +25,14 @@ _LAZY = {
     "export_backbone": "esvit.export",
     "linear_probe": "esvit.eval",
     "knn_eval": "esvit.eval",
+    "measure_correspondence": "esvit.eval.correspondence",
 }
 
 __all__ = [
     "BackboneSpec", "Config", "DINOHead", "EsViTModel", "EsViTTrainer", "MultiCropAugmentation",
     "NetWrapper", "RegionLoss", "Schedules", "ViewLoss", "build_backbone", "list_backbones",
     "load_config", "register_backbone", "load_backbone", "export_backbone", "linear_probe", "knn_eval",
-    "embed",
+    "embed", "measure_correspondence",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from esvit.backbones import BackboneSpec, build_backbone, list_backbones, register_backbone
     from esvit.config import Config, load_config
     from esvit.eval import knn_eval, linear_probe
+    from esvit.eval.correspondence import measure_correspondence
     from esvit.export import export_backbone, load_backbone
     from esvit.heads import DINOHead
     from esvit.losses import RegionLoss, ViewLoss

@@ -27,7 +27,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Backbone and heads."""
+    """Backbone, heads and the region-level task.
+
+    ``region_loss`` false gives plain DINO. The loss is ``(1 - w) * view + w * region`` with
+    ``w = region_weight`` (official: 0.5), ramped linearly from 0 over ``region_warmup_epochs``.
+    ``region_out_dim`` null is ``out_dim``. ``use_bn_in_region_head`` is separate from
+    ``use_bn_in_head``: the official code has one flag for both heads (off in its recipes), but
+    BatchNorm over region tokens lets the backbone's tokens collapse (docs/region.md), so it is
+    off unless asked for.
+    """
 
     backbone: str = "cifar_resnet18"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -37,6 +45,10 @@ class ModelConfig:
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
     region_loss: bool = True
+    region_out_dim: int | None = None
+    use_bn_in_region_head: bool = False
+    region_weight: float = 0.5
+    region_warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -161,9 +173,10 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "augment.n_local", "data.num_workers", "data.max_bad_fraction", "optim.min_lr", "optim.warmup_epochs",
     "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.freeze_last_layer_epochs",
+    "model.region_warmup_epochs",
     "teacher.warmup_temp_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "knn.every_epochs",
 )
-_UNIT = ("augment.solarize_p",)
+_UNIT = ("augment.solarize_p", "model.region_weight")
 
 
 def _type_name(tp: Any) -> str:
@@ -271,6 +284,11 @@ def check_ranges(
 def validate(cfg: Config) -> Config:
     """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
     check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
+    if cfg.model.region_out_dim is not None and cfg.model.region_out_dim <= 0:
+        raise ConfigError(f"model.region_out_dim: must be > 0 (or null: model.out_dim), got {cfg.model.region_out_dim}")
+    if cfg.model.region_loss and cfg.model.region_weight == 0:
+        raise ConfigError("model.region_weight: 0 trains nothing with the region loss; set model.region_loss=false "
+                          "for plain DINO")
     a = cfg.augment
     if a.local_size > a.global_size:
         raise ConfigError(f"augment.local_size: {a.local_size} is larger than augment.global_size {a.global_size}")

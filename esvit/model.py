@@ -86,15 +86,25 @@ class EsViTModel(nn.Module):
         norm_last_layer: bool = True,
         region: bool = True,
         channels_last: bool = False,
+        region_out_dim: int | None = None,
+        region_use_bn: bool | None = None,
     ) -> EsViTModel:
-        """Build the heads eagerly from a shape probe of the backbone at ``probe_size`` pixels."""
+        """Build the heads eagerly from a shape probe of the backbone at ``probe_size`` pixels.
+
+        ``region_out_dim`` / ``region_use_bn`` set the region head's output dim and BatchNorm
+        (None: the view head's ``out_dim`` / ``use_bn``, one setting for both heads as in the
+        official code; :class:`~esvit.trainer.EsViTTrainer` passes its own, off by default).
+        """
         dim, _ = wrapper.probe(probe_size)
 
-        def head() -> DINOHead:
-            return DINOHead(dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                            use_bn=use_bn, norm_last_layer=norm_last_layer)
+        def head(k: int, bn: bool) -> DINOHead:
+            return DINOHead(dim, k, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                            use_bn=bn, norm_last_layer=norm_last_layer)
 
-        return cls(wrapper, head(), head() if region else None, channels_last=channels_last)
+        region_head = None
+        if region:
+            region_head = head(region_out_dim or out_dim, use_bn if region_use_bn is None else region_use_bn)
+        return cls(wrapper, head(out_dim, use_bn), region_head, channels_last=channels_last)
 
     def forward(self, crops: Sequence[Tensor]) -> ModelOutput:
         """Run the backbone once per crop resolution and the heads once over all views.

@@ -45,6 +45,7 @@ class ScheduleValues:
     teacher_momentum: float
     teacher_temp: float
     freeze_last_layer: bool
+    region_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Schedules:
         teacher_temp: Teacher temperature after ``warmup_teacher_temp_epochs`` (linear).
         warmup_teacher_temp_epochs: Length of the teacher temperature warmup.
         freeze_last_layer_epochs: Epochs during which the heads' last layer gets no update.
+        region_weight: Weight ``w`` of the region loss (``(1 - w) * view + w * region``).
+        region_warmup_epochs: Linear ramp of the region weight from 0 to ``region_weight``.
     """
 
     steps_per_epoch: int
@@ -80,6 +83,8 @@ class Schedules:
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0
     freeze_last_layer_epochs: float = 1
+    region_weight: float = 0.5
+    region_warmup_epochs: float = 0
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch <= 0:
@@ -103,4 +108,5 @@ class Schedules:
                 step, round(self.warmup_teacher_temp_epochs * spe), self.warmup_teacher_temp, self.teacher_temp
             ),
             freeze_last_layer=step < round(self.freeze_last_layer_epochs * spe),
+            region_weight=linear(step, round(self.region_warmup_epochs * spe), 0.0, self.region_weight),
         )

@@ -11,12 +11,37 @@ from torch import Tensor, nn
 
 from esvit.augment import MultiCropAugmentation
 from esvit.backbones import build_backbone
-from esvit.losses import RegionLoss, ViewLoss
+from esvit.losses import RegionLoss, ViewLoss, match_regions, match_share
 from esvit.losses.cross_entropy import softmax_entropy
 from esvit.model import EsViTModel, ModelOutput
 from esvit.wrapper import NetWrapper
 
 NUM_GLOBAL_VIEWS = 2
+#: The region collapse metrics look at this many teacher tokens / images per step (a subset
+#: keeps them cheap with 65536 outputs and hundreds of tokens per image).
+METRIC_ROWS = 4096
+METRIC_IMAGES = 32
+MATCH_SHARE_MIN_TOKENS = 9
+
+
+@torch.no_grad()
+def token_similarity(tokens: Tensor) -> Tensor:
+    """Mean cosine similarity of all pairs of backbone tokens of a batch ``(b, n, d)``.
+
+    ``|mean of the L2-normalised tokens|^2`` (self-pairs included, negligible for many tokens):
+    about 0.1 for a random ViT, near 1 when the backbone maps every token of every image to one
+    vector (its features have collapsed, whatever the heads still output).
+    """
+    z = torch.nn.functional.normalize(tokens.detach().float().reshape(-1, tokens.shape[-1]), dim=-1)
+    return z.mean(0).square().sum()
+
+
+@torch.no_grad()
+def _entropy_and_kl(logits: Tensor, temp: float, center: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean entropy of ``softmax((logits - center) / temp)`` and the KL of its mean to uniform."""
+    ent, mean_p = softmax_entropy(logits, temp, center)
+    kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(mean_p.shape[-1])
+    return ent.mean(), kl_uniform
 
 
 class EsViTTrainer(nn.Module):
@@ -45,6 +70,13 @@ class EsViTTrainer(nn.Module):
         student_temp: Student temperature.
         center_momentum: EMA momentum of the view and region centres.
         region_loss: Also train the region-level task (EsViT); False gives plain DINO.
+        region_out_dim: Output dimension of the region head (None: ``out_dim``).
+        use_bn_in_region_head: BatchNorm in the region head. Off by default whatever
+            ``use_bn_in_head`` says (the official code has one flag for both heads, off in its
+            recipes): BatchNorm over region tokens lets the backbone's tokens collapse
+            (``docs/region.md``).
+        region_weight: ``w`` in ``loss = (1 - w) * view + w * region`` (official 0.5); a
+            schedule can pass another value per step to :meth:`forward`.
         augment: A custom augmentation module (``uint8 (b,3,H,W) -> list of views``); built
             from the crop arguments when None.
         augment_options: Further :class:`MultiCropAugmentation` arguments (``blur_p``,
@@ -76,6 +108,9 @@ class EsViTTrainer(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         region_loss: bool = True,
+        region_out_dim: int | None = None,
+        use_bn_in_region_head: bool = False,
+        region_weight: float = 0.5,
         augment: nn.Module | None = None,
         augment_options: dict | None = None,
         seed: int | None = None,
@@ -86,6 +121,8 @@ class EsViTTrainer(nn.Module):
             raise ValueError(f"n_local must be >= 0, got {n_local}")
         if local_size > global_size:
             raise ValueError(f"local_size ({local_size}) must not exceed global_size ({global_size})")
+        if not 0.0 <= region_weight <= 1.0:
+            raise ValueError(f"region_weight must be in [0, 1], got {region_weight}")
         self.augment = augment or MultiCropAugmentation(
             global_size=global_size, local_size=local_size, n_local=n_local,
             global_scale=global_scale, local_scale=local_scale, seed=seed, **(augment_options or {}),
@@ -96,13 +133,15 @@ class EsViTTrainer(nn.Module):
         self.student = EsViTModel.build(
             wrapper, global_size, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
             use_bn=use_bn_in_head, norm_last_layer=norm_last_layer, region=region_loss,
-            channels_last=channels_last,
+            channels_last=channels_last, region_out_dim=region_out_dim, region_use_bn=use_bn_in_region_head,
         )
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.view_loss = ViewLoss(out_dim, student_temp, center_momentum)
-        self.region_loss = RegionLoss(out_dim, student_temp, center_momentum) if region_loss else None
+        self.region_out_dim = region_out_dim or out_dim
+        self.region_loss = RegionLoss(self.region_out_dim, student_temp, center_momentum) if region_loss else None
+        self.region_weight = region_weight
         self.out_dim = out_dim
         self._student_forward: nn.Module | None = None
         self.shard: tuple[int, int] | None = None
@@ -182,19 +221,24 @@ class EsViTTrainer(nn.Module):
         if images.shape[0] < 1:
             raise ValueError("EsViTTrainer got an empty batch")
 
-    def forward(self, images: Tensor, teacher_temp: float) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, teacher_temp: float, region_weight: float | None = None) -> dict[str, Tensor]:
         """Augment a batch, run student and teacher, and compute the losses.
 
         Args:
             images: uint8 images ``(b, 3, H, W)``, on any device (moved to the model's).
             teacher_temp: Current teacher temperature.
+            region_weight: This step's region weight ``w`` (None: the constructor's); the loss is
+                ``(1 - w) * view_loss + w * region_loss``.
 
         Returns:
             Dict with ``loss`` (differentiable) and detached metrics: ``view_loss``,
             ``region_loss``, ``teacher_entropy`` (mean per-sample entropy of the teacher's
             view distribution, nats), ``teacher_kl_uniform`` (KL of the batch-mean teacher
             distribution to uniform: near ``log K`` when one dimension dominates),
-            ``student_entropy`` (on the global views).
+            ``student_entropy`` (on the global views); with the region loss also
+            ``region_teacher_entropy``, ``region_teacher_kl_uniform`` and ``region_match_share``
+            (see :meth:`_region_metrics`); ``token_similarity`` (:func:`token_similarity` of the
+            teacher's tokens of the first global view).
         """
         self._check_images(images)
         device = next(self.student.parameters()).device
@@ -213,7 +257,8 @@ class EsViTTrainer(nn.Module):
             region_loss = self.region_loss(
                 s_out["region_flat"], s_out["region_feat"], t_out["region_flat"], t_out["region_feat"], teacher_temp
             )
-            loss = 0.5 * view_loss + 0.5 * region_loss
+            w = self.region_weight if region_weight is None else region_weight
+            loss = (1.0 - w) * view_loss + w * region_loss
         else:
             region_loss = torch.zeros_like(view_loss)
             loss = view_loss
@@ -226,11 +271,37 @@ class EsViTTrainer(nn.Module):
 
     @torch.no_grad()
     def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
-        ent_t, mean_p = softmax_entropy(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
-        kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(self.out_dim)
+        ent_t, kl_uniform = _entropy_and_kl(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
         # the global views suffice for a signal
         ent_s, _ = softmax_entropy(s_out["view_stack"][:NUM_GLOBAL_VIEWS], self.view_loss.student_temp)
-        return {"teacher_entropy": ent_t.mean(), "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s.mean()}
+        metrics = {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s.mean(),
+                   "token_similarity": token_similarity(t_out["region_feat"][0][:METRIC_IMAGES])}
+        if self.region_loss is not None:
+            metrics.update(self._region_metrics(s_out, t_out, teacher_temp))
+        return metrics
+
+    @torch.no_grad()
+    def _region_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
+        """Collapse signals of the region branch, on a subset of the batch (cheap every step).
+
+        ``region_teacher_entropy`` / ``region_teacher_kl_uniform`` as for the view head, on at
+        most :data:`METRIC_ROWS` teacher tokens. ``region_match_share``: on the first
+        :data:`METRIC_IMAGES` images, the share of a global view's tokens matched to one token of
+        the other global view (mean over images and both directions; near ``1 / n`` for a
+        spread-out matching, 1 when every token matches one hub); only for grids of at least
+        :data:`MATCH_SHARE_MIN_TOKENS` tokens (on a 2x2 grid half the tokens share a match by chance).
+        """
+        assert self.region_loss is not None and t_out["region_flat"] is not None
+        t_rows = t_out["region_flat"]
+        t_rows = t_rows[:: max(1, t_rows.shape[0] // METRIC_ROWS)]
+        ent, kl_uniform = _entropy_and_kl(t_rows, teacher_temp, self.region_loss.center.center)
+        metrics = {"region_teacher_entropy": ent, "region_teacher_kl_uniform": kl_uniform}
+        s_feat, t_feat = s_out["region_feat"], t_out["region_feat"]
+        if t_feat[0].shape[1] >= MATCH_SHARE_MIN_TOKENS:
+            shares = [match_share(match_regions(s_feat[v][:METRIC_IMAGES], t_feat[1 - v][:METRIC_IMAGES]),
+                                  t_feat[1 - v].shape[1]) for v in range(NUM_GLOBAL_VIEWS)]
+            metrics["region_match_share"] = torch.cat(shares).mean()
+        return metrics
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:

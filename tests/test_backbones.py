@@ -29,6 +29,7 @@ EXPECTED = {
     "vit_tiny",
     "vit_small_cifar",
     "swin_tiny_cifar",
+    "swin_nano",
 }
 
 # name -> (build kwargs, native test image size); small sizes / depths keep the test fast.
@@ -41,6 +42,7 @@ EQUIV_CASES = {
     "vit_tiny": ({"depth": 2}, 32),
     "vit_small_cifar": ({"depth": 6, "image_size": 16}, 16),
     "swin_tiny_cifar": ({}, 32),
+    "swin_nano": ({}, 32),
 }
 
 

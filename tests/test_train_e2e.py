@@ -131,16 +131,19 @@ def test_knn_monitor_on_labeled_folder(tmp_path: Path) -> None:
     assert knn and 0.0 <= knn[0]["knn_top1"] <= 100.0
 
 
-def test_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
-    import math
+def test_collapse_warnings_reach_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
 
-    from esvit.train.loop import _warn_collapse
+    from esvit.train import collapse, loop
 
+    monkeypatch.setattr(collapse, "TOKEN_SIMILARITY", -1.0)  # every step looks collapsed
+    monkeypatch.setattr(loop, "CollapseMonitor", functools.partial(collapse.CollapseMonitor, grace_steps=2))
     with caplog.at_level("WARNING", logger="esvit.train"):
-        assert _warn_collapse({"teacher_entropy": 0.01, "teacher_kl_uniform": 5.0}, 256, 10)
-        assert _warn_collapse({"teacher_entropy": math.log(256) - 1e-3, "teacher_kl_uniform": 1e-4}, 256, 11)
-        assert not _warn_collapse({"teacher_entropy": 2.0, "teacher_kl_uniform": 2.0}, 256, 12)
-    assert "near 0" in caplog.text and "uniform collapse" in caplog.text
+        train(cfg(tmp_path / "run"))
+    assert "backbone tokens have a mean cosine similarity" in caplog.text
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert {"token_similarity", "region_teacher_entropy", "region_weight"} <= set(rec)
 
 
 def test_training_on_an_image_folder_with_small_and_odd_images(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from esvit.losses.center import Center
 from esvit.losses.cross_entropy import paired_cross_entropy, teacher_probs
-from esvit.losses.region import RegionLoss, match_regions
+from esvit.losses.region import RegionLoss, match_regions, match_share
 from esvit.losses.view import ViewLoss
 
-__all__ = ["Center", "RegionLoss", "ViewLoss", "match_regions", "paired_cross_entropy", "teacher_probs"]
+__all__ = ["Center", "RegionLoss", "ViewLoss", "match_regions", "match_share", "paired_cross_entropy", "teacher_probs"]

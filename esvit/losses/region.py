@@ -29,6 +29,27 @@ def match_regions(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     return torch.bmm(s, t.transpose(1, 2)).argmax(dim=-1)
 
 
+@torch.no_grad()
+def match_share(matches: Tensor, n_teacher: int) -> Tensor:
+    """Share of an image's student tokens matched to its single most matched teacher token.
+
+    ``1 / n_s``-ish when the matches spread over the teacher tokens, 1 when every student token
+    is matched to the same teacher token (a hub: the region task then degenerates into
+    predicting one token's output from every token).
+
+    Args:
+        matches: ``(b, n_s)`` teacher token index of every student token (:func:`match_regions`).
+        n_teacher: Number of teacher tokens ``n_t``.
+
+    Returns:
+        ``(b,)`` float32 shares in ``[1 / n_s, 1]``.
+    """
+    b, n_s = matches.shape
+    counts = torch.zeros(b, n_teacher, device=matches.device)
+    counts.scatter_add_(1, matches, torch.ones(b, n_s, device=matches.device))
+    return counts.amax(dim=1) / n_s
+
+
 def flatten_tokens(out: Tensor | Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
     """Region outputs as one ``(sum_v b * n_v, K)`` tensor in view order (no copy if already flat)."""
     rows = sum(f.shape[0] * f.shape[1] for f in feats)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from esvit.data import BadImageCounter, build_dataset
 from esvit.data.sampler import EpochBlockSampler
 from esvit.schedules import Schedules
 from esvit.train import checkpoint as ckpt
+from esvit.train.collapse import CollapseMonitor
 from esvit.train.distributed import DistInfo, all_true, barrier, gather_rng_states, init_distributed
 from esvit.train.logger import MetricLogger
 from esvit.trainer import EsViTTrainer
@@ -58,6 +58,7 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
         out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
         use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
         student_temp=t.student_temp, center_momentum=t.center_momentum, region_loss=m.region_loss,
+        region_out_dim=m.region_out_dim, use_bn_in_region_head=m.use_bn_in_region_head, region_weight=m.region_weight,
         augment_options={"blur_p": a.blur_p, "blur_sigma": a.blur_sigma, "solarize_p": a.solarize_p},
         seed=seed,
     )
@@ -65,13 +66,14 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
 
 def build_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
     """All schedules of the run; the peak LR is ``optim.lr * batch_size / 256``."""
-    o, t = cfg.optim, cfg.teacher
+    o, t, m = cfg.optim, cfg.teacher, cfg.model
     return Schedules(
         steps_per_epoch=steps_per_epoch, epochs=o.epochs, lr=o.lr * o.batch_size / 256.0, min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
         momentum_teacher=t.momentum, momentum_teacher_end=t.momentum_end,
         warmup_teacher_temp=t.warmup_temp, teacher_temp=t.temp, warmup_teacher_temp_epochs=t.warmup_temp_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        region_weight=m.region_weight, region_warmup_epochs=m.region_warmup_epochs,
     )
 
 
@@ -273,7 +275,7 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                  info.world_size, o.accum_steps, device, dtype)
     trainer.train()
     losses: list[float] = []
-    last_warn_epoch = -1
+    monitor = CollapseMonitor(trainer.out_dim, region_out_dim=trainer.region_out_dim)
     bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and cfg.logging.progress),
                dynamic_ncols=True, desc="esvit")
     t_last, imgs_since = time.perf_counter(), 0
@@ -300,7 +302,7 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                     ctx = contextlib.nullcontext() if sync else trainer._student_forward.no_sync()
                     with ctx:
                         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                            out = trainer(images, vals.teacher_temp)
+                            out = trainer(images, vals.teacher_temp, vals.region_weight)
                         loss = out["loss"]
                         if not all_true(bool(torch.isfinite(loss).item()), device):
                             raise NonFiniteLossError(
@@ -334,6 +336,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                 step += 1
                 losses.append(step_metrics["loss"])
                 imgs_since += o.batch_size
+                if info.is_main:
+                    monitor.update(step_metrics, step)
 
                 # ---- monitoring
                 if step % cfg.logging.log_every == 0 or step == total_steps or step == 1:
@@ -342,13 +346,12 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                     t_last, imgs_since = now, 0
                     rec = {**step_metrics, "lr": vals.lr, "weight_decay": vals.weight_decay,
                            "teacher_momentum": vals.teacher_momentum, "teacher_temp": vals.teacher_temp,
+                           "region_weight": vals.region_weight if trainer.region_loss is not None else 0.0,
                            "epoch": step / steps_per_epoch, "images_per_s": ips, "bad_images": bad_counter.bad}
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
                     logger.log(rec, step)
                     bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", lr=f"{vals.lr:.2e}", img_s=f"{ips:.0f}")
-                    if epoch != last_warn_epoch and step > steps_per_epoch:
-                        last_warn_epoch = epoch if _warn_collapse(step_metrics, trainer.out_dim, step) else last_warn_epoch
                 bar.update(1)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
                     last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
@@ -392,22 +395,6 @@ def _mean_over_ranks(metrics: dict[str, float], device: torch.device, info: Dist
     t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def _warn_collapse(metrics: dict[str, float], out_dim: int, step: int) -> bool:
-    """Log a warning when the teacher looks collapsed; return True if it warned."""
-    h, log_k = metrics.get("teacher_entropy"), math.log(out_dim)
-    if h is None:
-        return False
-    if h < 0.05 * log_k:
-        log.warning("step %d: teacher entropy %.3f is near 0: possible collapse to one dimension "
-                    "(raise teacher.center_momentum or lower the teacher temperature warmup)", step, h)
-        return True
-    if h > 0.98 * log_k and metrics.get("teacher_kl_uniform", 1.0) < 0.01 * log_k:
-        log.warning("step %d: teacher entropy %.3f sits at log(out_dim)=%.3f: possible uniform collapse "
-                    "(lower teacher.temp)", step, h, log_k)
-        return True
-    return False
 
 
 def _knn_monitor(cfg: Config, trainer: EsViTTrainer, device: torch.device, info: DistInfo,
