@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from esvit.augment import MultiCropAugmentation
+from esvit.augment import MultiCropAugmentation, ViewParams
+from esvit.augment.geometry import token_correspondence
 from esvit.backbones import build_backbone
 from esvit.losses import RegionLoss, ViewLoss, match_regions, match_share
 from esvit.losses.cross_entropy import softmax_entropy
@@ -236,15 +237,19 @@ class EsViTTrainer(nn.Module):
             view distribution, nats), ``teacher_kl_uniform`` (KL of the batch-mean teacher
             distribution to uniform: near ``log K`` when one dimension dominates),
             ``student_entropy`` (on the global views); with the region loss also
-            ``region_teacher_entropy``, ``region_teacher_kl_uniform`` and ``region_match_share``
-            (see :meth:`_region_metrics`); ``token_similarity`` (:func:`token_similarity` of the
-            teacher's tokens of the first global view).
+            ``region_teacher_entropy``, ``region_teacher_kl_uniform``, ``region_match_share``
+            and ``region_match_accuracy`` (see :meth:`_region_metrics`); ``token_similarity``
+            (:func:`token_similarity` of the teacher's tokens of the first global view).
         """
         self._check_images(images)
         device = next(self.student.parameters()).device
         images = images.to(device, non_blocking=device.type == "cuda")
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            views = self.augment(images, shard=self.shard) if self.shard else self.augment(images)
+            if isinstance(self.augment, MultiCropAugmentation):
+                views, params = self.augment.forward_with_params(images, self.shard)
+            else:  # a custom augmentation: no crop geometry for region_match_accuracy
+                views = self.augment(images, shard=self.shard) if self.shard else self.augment(images)
+                params = None
         n_t = NUM_GLOBAL_VIEWS
         with torch.no_grad():
             t_out: ModelOutput = self.teacher(views[:n_t])
@@ -262,7 +267,7 @@ class EsViTTrainer(nn.Module):
         else:
             region_loss = torch.zeros_like(view_loss)
             loss = view_loss
-        metrics = self._collapse_metrics(s_out, t_out, teacher_temp)
+        metrics = self._collapse_metrics(s_out, t_out, teacher_temp, params)
         if self.training:
             self.view_loss.update_center(t_out["view_stack"])
             if self.region_loss is not None:
@@ -270,26 +275,32 @@ class EsViTTrainer(nn.Module):
         return {"loss": loss, "view_loss": view_loss.detach(), "region_loss": region_loss.detach(), **metrics}
 
     @torch.no_grad()
-    def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
+    def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float,
+                          params: list[ViewParams] | None) -> dict[str, Tensor]:
         ent_t, kl_uniform = _entropy_and_kl(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
         # the global views suffice for a signal
         ent_s, _ = softmax_entropy(s_out["view_stack"][:NUM_GLOBAL_VIEWS], self.view_loss.student_temp)
         metrics = {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s.mean(),
                    "token_similarity": token_similarity(t_out["region_feat"][0][:METRIC_IMAGES])}
         if self.region_loss is not None:
-            metrics.update(self._region_metrics(s_out, t_out, teacher_temp))
+            metrics.update(self._region_metrics(s_out, t_out, teacher_temp, params))
         return metrics
 
     @torch.no_grad()
-    def _region_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float) -> dict[str, Tensor]:
+    def _region_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float,
+                        params: list[ViewParams] | None) -> dict[str, Tensor]:
         """Collapse signals of the region branch, on a subset of the batch (cheap every step).
 
         ``region_teacher_entropy`` / ``region_teacher_kl_uniform`` as for the view head, on at
-        most :data:`METRIC_ROWS` teacher tokens. ``region_match_share``: on the first
-        :data:`METRIC_IMAGES` images, the share of a global view's tokens matched to one token of
-        the other global view (mean over images and both directions; near ``1 / n`` for a
-        spread-out matching, 1 when every token matches one hub); only for grids of at least
-        :data:`MATCH_SHARE_MIN_TOKENS` tokens (on a 2x2 grid half the tokens share a match by chance).
+        most :data:`METRIC_ROWS` teacher tokens. On the first :data:`METRIC_IMAGES` images,
+        matching each global view's tokens into the other global view as the region loss does:
+        ``region_match_share``, the share of a view's tokens matched to one token (near
+        ``1 / n`` for a spread-out matching, 1 when every token matches one hub), and with the
+        built-in augmentation ``region_match_accuracy``, the share of matches that land on the
+        token under the same image point (:func:`esvit.augment.geometry.token_correspondence`;
+        tokens outside the other view do not count). Both need grids of at least
+        :data:`MATCH_SHARE_MIN_TOKENS` tokens (on a 2x2 grid half the tokens share a match by
+        chance).
         """
         assert self.region_loss is not None and t_out["region_flat"] is not None
         t_rows = t_out["region_flat"]
@@ -297,10 +308,23 @@ class EsViTTrainer(nn.Module):
         ent, kl_uniform = _entropy_and_kl(t_rows, teacher_temp, self.region_loss.center.center)
         metrics = {"region_teacher_entropy": ent, "region_teacher_kl_uniform": kl_uniform}
         s_feat, t_feat = s_out["region_feat"], t_out["region_feat"]
-        if t_feat[0].shape[1] >= MATCH_SHARE_MIN_TOKENS:
-            shares = [match_share(match_regions(s_feat[v][:METRIC_IMAGES], t_feat[1 - v][:METRIC_IMAGES]),
-                                  t_feat[1 - v].shape[1]) for v in range(NUM_GLOBAL_VIEWS)]
-            metrics["region_match_share"] = torch.cat(shares).mean()
+        n = t_feat[0].shape[1]
+        if n < MATCH_SHARE_MIN_TOKENS:
+            return metrics
+        m, g = min(METRIC_IMAGES, t_feat[0].shape[0]), math.isqrt(n)
+        shares, hits, inside = [], [], []
+        for v in range(NUM_GLOBAL_VIEWS):
+            matches = match_regions(s_feat[v][:m], t_feat[1 - v][:m])
+            shares.append(match_share(matches, n))
+            if params is not None and g * g == n:
+                geo, ok = token_correspondence(params[v].boxes[:m], params[v].flip[:m], g,
+                                               params[1 - v].boxes[:m], params[1 - v].flip[:m], g)
+                ok = ok.to(matches.device)
+                hits.append(((matches == geo.to(matches.device)) & ok).sum())
+                inside.append(ok.sum())
+        metrics["region_match_share"] = torch.cat(shares).mean()
+        if inside:
+            metrics["region_match_accuracy"] = sum(hits) / sum(inside).clamp_min(1)
         return metrics
 
     # ------------------------------------------------------------------ state

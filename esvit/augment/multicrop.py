@@ -323,15 +323,22 @@ class MultiCropAugmentation(nn.Module):
             ``(b, 3, global_size, global_size)`` then the local views
             ``(b, 3, local_size, local_size)``, normalised with ``mean`` / ``std``.
         """
+        return self.forward_with_params(images, shard)[0]
+
+    def forward_with_params(self, images: Tensor, shard: tuple[int, int] | None = None
+                            ) -> tuple[list[Tensor], list[ViewParams]]:
+        """:meth:`forward`, also returning the parameters of this rank's rows (crop boxes, flips,
+        ...) of every view."""
         self.check_images(images)
         b, _, h, w = images.shape
         if shard is None or shard[1] == 1:
-            return self.apply_params(images, self.sample_params(b, h, w))
-        rank, world = shard
-        if not 0 <= rank < world:
-            raise ValueError(f"shard rank {rank} out of range for world size {world}")
-        params = self.sample_params(b * world, h, w)
-        return self.apply_params(images, [p.rows(rank * b, (rank + 1) * b) for p in params])
+            params = self.sample_params(b, h, w)
+        else:
+            rank, world = shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard rank {rank} out of range for world size {world}")
+            params = [p.rows(rank * b, (rank + 1) * b) for p in self.sample_params(b * world, h, w)]
+        return self.apply_params(images, params), params
 
     def apply_params(self, images: Tensor, params: list[ViewParams]) -> list[Tensor]:
         """Apply previously sampled parameters (``sample_params``) to a ``uint8`` batch.

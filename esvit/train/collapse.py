@@ -16,8 +16,10 @@ signal              meaning
                     cosine similarity of tokens across the batch near 1), whatever the heads
                     still output: BatchNorm in the region head hides it from the losses
 ``region_trivial``  the region loss far below the view loss: the region branch solves a task
-                    easier than the view task, typically because the backbone's tokens have
-                    become alike and matching is arbitrary
+                    much easier than the view task, because the matching confirms itself (a
+                    student token is matched to the teacher token whose features are most like
+                    its own, so any smooth head agrees with it; ``region_match_accuracy`` stays
+                    near chance) or because the matching has a hub
 ==================  ===========================================================================
 
 Values are smoothed with an exponential moving average (a step's noise never warns), checked
@@ -39,8 +41,9 @@ UNIFORM_ENTROPY, UNIFORM_KL = 0.98, 0.01
 #: ``region_match_share`` above this: the matching has a hub.
 MATCH_SHARE = 0.5
 #: ``token_similarity`` above this: the backbone's tokens have collapsed.
-TOKEN_SIMILARITY = 0.8
-#: ``region_loss / view_loss`` below this: the region task has become trivial.
+TOKEN_SIMILARITY = 0.9
+#: ``region_loss / view_loss`` below this: the region task has become trivial (healthy runs
+#: measured 0.75-0.85; collapsing ones 0.07-0.45, docs/region.md).
 TRIVIAL_RATIO = 0.5
 
 HINTS = {
@@ -58,9 +61,10 @@ HINTS = {
     "token_collapse": "backbone tokens have a mean cosine similarity of {value:.2f} across images: the "
                       "backbone's features are collapsing (BatchNorm in the region head hides it: "
                       "model.use_bn_in_region_head=false; see docs/region.md)",
-    "region_trivial": "region loss {value:.2f}x the view loss: the region task has become trivial, the "
-                      "backbone's tokens are collapsing (model.use_bn_in_region_head=false, a lower "
-                      "model.region_weight; or plain DINO, model.region_loss=false; see docs/region.md)",
+    "region_trivial": "region loss {value:.2f}x the view loss: the region task has become trivial (its "
+                      "matching confirms itself or has a hub, see region_match_accuracy); at this token "
+                      "grid plain DINO (model.region_loss=false) is likely the better use of compute, "
+                      "see docs/region.md",
 }
 
 
