@@ -133,14 +133,6 @@ def flip_jitter(x: Tensor, jitter: bool, seeds: Sequence[int] = ()) -> Tensor:
     return rgb_to_grayscale(out, 3)
 
 
-def _normalise(x: Tensor) -> Tensor:
-    from esvit.eval.features import IMAGENET_MEAN, IMAGENET_STD
-
-    m = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 def _resolve_backbone(
     backbone: Any, checkpoint_key: str, backbone_name: str | None, image_size: int | None
 ) -> tuple[nn.Module, BackboneSpec, int, str]:
@@ -198,7 +190,7 @@ def measure_correspondence(
         ``images``, ``skipped`` (unreadable files) and the settings.
     """
     from esvit.embed import _ImageList, _list_inputs
-    from esvit.eval.features import make_loader, resolve_device
+    from esvit.eval.features import make_loader, normalize, resolve_device
 
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -219,9 +211,9 @@ def measure_correspondence(
         if not ok.any():
             continue
         x = images_u8[ok].to(dev).float().div_(255)
-        _, feat = wrapper(_normalise(x))
+        _, feat = wrapper(normalize(x))
         seeds = [seed * 1_000_003 + i for i in idx[ok].tolist()]
-        _, feat_f = wrapper(_normalise(flip_jitter(x, jitter, seeds)))
+        _, feat_f = wrapper(normalize(flip_jitter(x, jitter, seeds)))
         if grid is None:
             grid = square_grid(feat.shape[1])
         scores = flip_match_scores(feat, feat_f, grid, top_k)

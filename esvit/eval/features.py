@@ -26,6 +26,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalize(
+    x: Tensor,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """Float images ``(b, 3, h, w)`` in ``[0, 1]`` -> normalised with ``mean`` / ``std``."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 def preprocess(
     images: Tensor,
     size: int | None = None,
@@ -38,9 +49,7 @@ def preprocess(
     x = images.float().div_(255)
     if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalize(x, mean, std)
 
 
 @torch.no_grad()
