@@ -22,7 +22,7 @@ dotted overrides (``--set``); each arm adds its own overrides:
 
     random                 the initial weights, not trained
     dino                   model.region_loss=false (plain DINO)
-    esvit                  the config as it is
+    esvit                  model.region_loss=true (the official 0.5 / 0.5 weighting)
     --arm NAME KEY=V ...   any other arm
 
 The collapse metrics of every arm (losses, token similarity, region match share, region
@@ -68,7 +68,7 @@ from esvit.train.loop import build_trainer
 from esvit.wrapper import NetWrapper
 
 log = logging.getLogger("region")
-BUILTIN_ARMS = {"random": [], "dino": ["model.region_loss=false"], "esvit": []}
+BUILTIN_ARMS = {"random": [], "dino": ["model.region_loss=false"], "esvit": ["model.region_loss=true"]}
 
 
 @torch.no_grad()

@@ -210,3 +210,14 @@ def test_augmentation_returns_the_parameters_it_applied() -> None:
     assert all(torch.equal(u, v) for u, v in zip(views, b(x, shard=(1, 2)), strict=True))
     assert all(torch.equal(u, v) for u, v in zip(views, a.apply_params(x, params), strict=True))
     assert len(params) == 4 and params[0].boxes.shape == (6, 4)
+
+
+def test_shipped_recipes_follow_the_measurements() -> None:
+    """CIFAR recipes are plain DINO (docs/region.md); the official recipe keeps the official
+    region task (0.5 weight, no BatchNorm, no warm-up)."""
+    for name in ("cifar10_vit_nano", "cifar10_vit_tiny", "cifar10_resnet18"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert not cfg.model.region_loss and not cfg.model.use_bn_in_region_head, name
+    official = load_config("configs/esvit_swin_tiny_imagenet.yaml").model
+    assert official.region_loss and official.region_weight == 0.5 and official.region_warmup_epochs == 0
+    assert not official.use_bn_in_head and not official.use_bn_in_region_head and official.region_out_dim is None
