@@ -162,16 +162,16 @@ def test_torn_metrics_line_does_not_block_resume(tmp_path: Path) -> None:
 def _inject_nan_at(monkeypatch: pytest.MonkeyPatch, step: int, already_done: int = 0) -> None:
     """Make the augmentation of global step ``step`` (1-based, as in metrics.jsonl) return NaN."""
     calls = {"n": already_done}
-    real_forward = MultiCropAugmentation.forward
+    real_forward = MultiCropAugmentation.forward_with_params  # what the trainer calls
 
     def forward(self, images, *args, **kwargs):
-        views = real_forward(self, images, *args, **kwargs)
+        views, params = real_forward(self, images, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == step:
             views[0] = torch.full_like(views[0], float("nan"))
-        return views
+        return views, params
 
-    monkeypatch.setattr(MultiCropAugmentation, "forward", forward)
+    monkeypatch.setattr(MultiCropAugmentation, "forward_with_params", forward)
 
 
 def test_nan_view_at_step_k_stops_run_and_keeps_last_good_checkpoint(
