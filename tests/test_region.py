@@ -103,6 +103,14 @@ def test_monitor_smooths_waits_and_repeats_rarely() -> None:
     assert fired[0] < 20 and [b - a for a, b in zip(fired, fired[1:], strict=False)] == [100] * (len(fired) - 1)
 
 
+def test_region_loss_ratio_is_relative_to_each_heads_size() -> None:
+    # a 4-way region head's loss of 1.0 (log 4 = 1.39) is nearer uniform than 4.3 of a 256-way view head
+    # (log 256 = 5.55), although it is a quarter of it
+    assert "region_trivial" not in CollapseMonitor(256, region_out_dim=4).signals(healthy(view_loss=4.3,
+                                                                                         region_loss=1.0))
+    assert "region_trivial" in CollapseMonitor(256).signals(healthy(view_loss=4.3, region_loss=2.0))
+
+
 def test_region_entropy_is_judged_against_the_region_head_size() -> None:
     mon = CollapseMonitor(65536, region_out_dim=16)
     # log(16) = 2.77: 2.76 is uniform for the region head, healthy for a 65536-way view head

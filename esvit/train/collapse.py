@@ -42,8 +42,8 @@ UNIFORM_ENTROPY, UNIFORM_KL = 0.98, 0.01
 MATCH_SHARE = 0.5
 #: ``token_similarity`` above this: the backbone's tokens have collapsed.
 TOKEN_SIMILARITY = 0.85
-#: ``region_loss / view_loss`` below this: the region task has become trivial (healthy runs
-#: measured 0.75-0.85; collapsing ones 0.07-0.45, docs/region.md).
+#: ``region_loss / view_loss`` (each divided by its head's ``log K``) below this: the region task
+#: has become trivial (healthy runs measured 0.75-0.85; collapsing ones 0.07-0.45, docs/region.md).
 TRIVIAL_RATIO = 0.5
 
 HINTS = {
@@ -61,7 +61,7 @@ HINTS = {
     "token_collapse": "backbone tokens have a mean cosine similarity of {value:.2f} across images: the "
                       "backbone's features are collapsing (BatchNorm in the region head hides it: "
                       "model.use_bn_in_region_head=false; see docs/region.md)",
-    "region_trivial": "region loss {value:.2f}x the view loss: the region task has become trivial (its "
+    "region_trivial": "region loss {value:.2f}x the view loss (each relative to log out_dim): the region task has become trivial (its "
                       "matching confirms itself or has a hub, see region_match_accuracy); at this token "
                       "grid plain DINO (model.region_loss=false) is likely the better use of compute, "
                       "see docs/region.md",
@@ -117,8 +117,11 @@ class CollapseMonitor:
         if share is not None and share > MATCH_SHARE:
             fired["region_match"] = share
         view, region = m.get("view_loss"), m.get("region_loss")
-        if view and region is not None and "region_teacher_entropy" in m and region < TRIVIAL_RATIO * view:
-            fired["region_trivial"] = region / view
+        if view and region is not None and "region_teacher_entropy" in m:
+            # each loss relative to its head's log K (the loss of a uniform prediction)
+            ratio = (region / self._log_k("region")) / (view / self._log_k("view"))
+            if ratio < TRIVIAL_RATIO:
+                fired["region_trivial"] = ratio
         return fired
 
     def update(self, metrics: dict[str, float], step: int) -> list[str]:
