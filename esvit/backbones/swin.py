@@ -1,6 +1,8 @@
-"""Small torchvision Swin Transformer for 32-96 px images."""
+"""Small torchvision Swin Transformers for 32-96 px images."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 from torchvision.models import SwinTransformer
@@ -17,7 +19,35 @@ SWIN_TINY_CIFAR = dict(
     num_heads=[3, 6, 12],
     window_size=[4, 4],
 )
-SWIN_TINY_CIFAR_DIM = 96 * 2 ** (len(SWIN_TINY_CIFAR["depths"]) - 1)  # 384
+# The same layout, very small, for CPU benchmarks (~30x cheaper than swin_tiny_cifar).
+SWIN_NANO = dict(
+    patch_size=[2, 2],
+    embed_dim=32,
+    depths=[1, 1, 2],
+    num_heads=[1, 2, 4],
+    window_size=[4, 4],
+)
+
+
+def _out_dim(settings: dict[str, Any]) -> int:
+    """Channels of the last stage: the embedding width doubles at every stage after the first."""
+    return settings["embed_dim"] * 2 ** (len(settings["depths"]) - 1)
+
+
+SWIN_TINY_CIFAR_DIM = _out_dim(SWIN_TINY_CIFAR)  # 384
+SWIN_NANO_DIM = _out_dim(SWIN_NANO)  # 128
+
+
+def _torchvision_swin(settings: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    net = SwinTransformer(**settings, stochastic_depth_prob=drop_path_rate)
+    net.head = nn.Identity()
+    return net
+
+
+def _spec(name: str, settings: dict[str, Any]) -> BackboneSpec:
+    """Hook the final ``norm``: ``(b, h/8, w/8, C)`` tokens, average-pooled."""
+    return BackboneSpec(name=name, layer="norm", layout="bhwc", num_prefix_tokens=0, pool="avg",
+                        embed_dim=_out_dim(settings), export_ctor="torchvision.models.SwinTransformer")
 
 
 def swin_tiny_cifar_torchvision(image_size: int = 32, drop_path_rate: float = 0.1) -> nn.Module:
@@ -30,9 +60,7 @@ def swin_tiny_cifar_torchvision(image_size: int = 32, drop_path_rate: float = 0.
     Returns:
         The model, mapping ``(b, 3, h, w)`` to ``(b, 384)``.
     """
-    net = SwinTransformer(**SWIN_TINY_CIFAR, stochastic_depth_prob=drop_path_rate)
-    net.head = nn.Identity()
-    return net
+    return _torchvision_swin(SWIN_TINY_CIFAR, drop_path_rate)
 
 
 @register_backbone("swin_tiny_cifar", equivalent=swin_tiny_cifar_torchvision)
@@ -40,48 +68,16 @@ def swin_tiny_cifar(
     image_size: int = 32, drop_path_rate: float = 0.1
 ) -> tuple[nn.Module, BackboneSpec]:
     """Swin (patch 2, dim 96, depths 2-2-6, window 4); hooks ``norm`` -> ``(b, h/8, w/8, 384)``."""
-    spec = BackboneSpec(
-        name="swin_tiny_cifar",
-        layer="norm",
-        layout="bhwc",
-        num_prefix_tokens=0,
-        pool="avg",
-        embed_dim=SWIN_TINY_CIFAR_DIM,
-        export_ctor="torchvision.models.SwinTransformer",
-    )
-    return swin_tiny_cifar_torchvision(image_size, drop_path_rate), spec
-
-
-# A very small Swin for CPU benchmarks: patch 2, dim 32, depths 1-1-2, window 4: 32 px -> 4x4 tokens
-# of 128 dims at the hooked norm, like swin_tiny_cifar but ~30x cheaper.
-SWIN_NANO = dict(
-    patch_size=[2, 2],
-    embed_dim=32,
-    depths=[1, 1, 2],
-    num_heads=[1, 2, 4],
-    window_size=[4, 4],
-)
-SWIN_NANO_DIM = 32 * 2 ** (len(SWIN_NANO["depths"]) - 1)  # 128
+    return swin_tiny_cifar_torchvision(image_size, drop_path_rate), _spec("swin_tiny_cifar", SWIN_TINY_CIFAR)
 
 
 def swin_nano_torchvision(image_size: int = 32, drop_path_rate: float = 0.0) -> nn.Module:
     """``torchvision.models.SwinTransformer(**SWIN_NANO)`` with ``head = nn.Identity``."""
-    net = SwinTransformer(**SWIN_NANO, stochastic_depth_prob=drop_path_rate)
-    net.head = nn.Identity()
-    return net
+    return _torchvision_swin(SWIN_NANO, drop_path_rate)
 
 
 @register_backbone("swin_nano", equivalent=swin_nano_torchvision)
 def swin_nano(image_size: int = 32, drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
     """A very small Swin (patch 2, dim 32, depths 1-1-2, window 4) for CPU benchmarks; hooks
     ``norm`` -> ``(b, h/8, w/8, 128)``. No stochastic depth by default."""
-    spec = BackboneSpec(
-        name="swin_nano",
-        layer="norm",
-        layout="bhwc",
-        num_prefix_tokens=0,
-        pool="avg",
-        embed_dim=SWIN_NANO_DIM,
-        export_ctor="torchvision.models.SwinTransformer",
-    )
-    return swin_nano_torchvision(image_size, drop_path_rate), spec
+    return swin_nano_torchvision(image_size, drop_path_rate), _spec("swin_nano", SWIN_NANO)
