@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -58,12 +57,11 @@ from cifar_protocol import (
 )
 
 from esvit.augment import MultiCropAugmentation
-from esvit.augment.geometry import token_correspondence
 from esvit.config import Config, config_to_dict, load_config
 from esvit.data import build_dataset
 from esvit.data.folder import scan_image_folder
 from esvit.eval.correspondence import measure_correspondence
-from esvit.losses import match_regions, match_share
+from esvit.metrics import global_view_matching
 from esvit.train.loop import build_trainer
 from esvit.wrapper import NetWrapper
 
@@ -74,8 +72,7 @@ BUILTIN_ARMS = {"random": [], "dino": ["model.region_loss=false"], "esvit": ["mo
 @torch.no_grad()
 def matching_quality(net, spec, cfg: Config, ds, val: list[int], n_images: int = 512) -> dict[str, float]:
     """How well the backbone's features match region tokens between the two global views of the
-    recipe's augmentation, as the region loss matches them: share of a view's tokens matched to
-    one token, and share of matches on the token under the same image point."""
+    recipe's augmentation, as the region loss matches them (:func:`esvit.metrics.global_view_matching`)."""
     a = cfg.augment
     aug = MultiCropAugmentation(a.global_size, a.local_size, 0, a.global_scale, a.local_scale,
                                 blur_p=a.blur_p, blur_sigma=a.blur_sigma, solarize_p=a.solarize_p, seed=0)
@@ -84,16 +81,9 @@ def matching_quality(net, spec, cfg: Config, ds, val: list[int], n_images: int =
     views, params = aug.forward_with_params(images)
     wrapper = NetWrapper.from_spec(net, spec).eval()
     feats = [wrapper(v)[1] for v in views]
-    n = feats[0].shape[1]
-    g = math.isqrt(n)
-    share, hits, inside = 0.0, 0.0, 0.0
-    for v in (0, 1):
-        matches = match_regions(feats[v], feats[1 - v])
-        share += match_share(matches, n).mean().item() / 2
-        geo, ok = token_correspondence(params[v].boxes, params[v].flip, g, params[1 - v].boxes, params[1 - v].flip, g)
-        hits += float(((matches == geo) & ok).sum())
-        inside += float(ok.sum())
-    return {"match_share": share, "match_accuracy": hits / max(inside, 1.0), "chance": 1.0 / n}
+    res = global_view_matching(feats, feats, params)
+    return {"match_share": float(res["region_match_share"]), "match_accuracy": float(res["region_match_accuracy"]),
+            "chance": 1.0 / feats[0].shape[1]}
 
 
 def score(net, spec, cfg: Config, ds, bank: list[int], val: list[int], val_paths: list[str],

@@ -3,46 +3,24 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from esvit.augment import MultiCropAugmentation, ViewParams
-from esvit.augment.geometry import token_correspondence
 from esvit.backbones import build_backbone
-from esvit.losses import RegionLoss, ViewLoss, match_regions, match_share
+from esvit.losses import RegionLoss, ViewLoss
 from esvit.losses.cross_entropy import softmax_entropy
+from esvit.metrics import entropy_and_kl, global_view_matching, token_similarity
 from esvit.model import EsViTModel, ModelOutput
 from esvit.wrapper import NetWrapper
 
 NUM_GLOBAL_VIEWS = 2
-#: The region collapse metrics look at this many teacher tokens / images per step (a subset
-#: keeps them cheap with 65536 outputs and hundreds of tokens per image).
+#: The collapse metrics look at this many teacher tokens / images per step (a subset keeps them
+#: cheap with 65536 outputs and hundreds of tokens per image).
 METRIC_ROWS = 4096
 METRIC_IMAGES = 32
-MATCH_SHARE_MIN_TOKENS = 9
-
-
-@torch.no_grad()
-def token_similarity(tokens: Tensor) -> Tensor:
-    """Mean cosine similarity of all pairs of backbone tokens of a batch ``(b, n, d)``.
-
-    ``|mean of the L2-normalised tokens|^2`` (self-pairs included, negligible for many tokens):
-    about 0.1 for a random ViT, near 1 when the backbone maps every token of every image to one
-    vector (its features have collapsed, whatever the heads still output).
-    """
-    z = torch.nn.functional.normalize(tokens.detach().float().reshape(-1, tokens.shape[-1]), dim=-1)
-    return z.mean(0).square().sum()
-
-
-@torch.no_grad()
-def _entropy_and_kl(logits: Tensor, temp: float, center: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean entropy of ``softmax((logits - center) / temp)`` and the KL of its mean to uniform."""
-    ent, mean_p = softmax_entropy(logits, temp, center)
-    kl_uniform = (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() + math.log(mean_p.shape[-1])
-    return ent.mean(), kl_uniform
 
 
 class EsViTTrainer(nn.Module):
@@ -238,8 +216,9 @@ class EsViTTrainer(nn.Module):
             distribution to uniform: near ``log K`` when one dimension dominates),
             ``student_entropy`` (on the global views); with the region loss also
             ``region_teacher_entropy``, ``region_teacher_kl_uniform``, ``region_match_share``
-            and ``region_match_accuracy`` (see :meth:`_region_metrics`); ``token_similarity``
-            (:func:`token_similarity` of the teacher's tokens of the first global view).
+            and ``region_match_accuracy`` (:func:`esvit.metrics.global_view_matching`);
+            ``token_similarity`` (:func:`esvit.metrics.token_similarity` of the teacher's
+            tokens of the first global view).
         """
         self._check_images(images)
         device = next(self.student.parameters()).device
@@ -277,54 +256,22 @@ class EsViTTrainer(nn.Module):
     @torch.no_grad()
     def _collapse_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float,
                           params: list[ViewParams] | None) -> dict[str, Tensor]:
-        ent_t, kl_uniform = _entropy_and_kl(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
+        """The collapse signals of both branches (:mod:`esvit.metrics`), the region ones on a
+        subset of the batch: at most :data:`METRIC_ROWS` teacher tokens for the entropy, the first
+        :data:`METRIC_IMAGES` images for the token similarity and the matching."""
+        m = METRIC_IMAGES
+        ent_t, kl_uniform = entropy_and_kl(t_out["view_stack"], teacher_temp, self.view_loss.center.center)
         # the global views suffice for a signal
         ent_s, _ = softmax_entropy(s_out["view_stack"][:NUM_GLOBAL_VIEWS], self.view_loss.student_temp)
         metrics = {"teacher_entropy": ent_t, "teacher_kl_uniform": kl_uniform, "student_entropy": ent_s.mean(),
-                   "token_similarity": token_similarity(t_out["region_feat"][0][:METRIC_IMAGES])}
-        if self.region_loss is not None:
-            metrics.update(self._region_metrics(s_out, t_out, teacher_temp, params))
-        return metrics
-
-    @torch.no_grad()
-    def _region_metrics(self, s_out: ModelOutput, t_out: ModelOutput, teacher_temp: float,
-                        params: list[ViewParams] | None) -> dict[str, Tensor]:
-        """Collapse signals of the region branch, on a subset of the batch (cheap every step).
-
-        ``region_teacher_entropy`` / ``region_teacher_kl_uniform`` as for the view head, on at
-        most :data:`METRIC_ROWS` teacher tokens. On the first :data:`METRIC_IMAGES` images,
-        matching each global view's tokens into the other global view as the region loss does:
-        ``region_match_share``, the share of a view's tokens matched to one token (near
-        ``1 / n`` for a spread-out matching, 1 when every token matches one hub), and with the
-        built-in augmentation ``region_match_accuracy``, the share of matches that land on the
-        token under the same image point (:func:`esvit.augment.geometry.token_correspondence`;
-        tokens outside the other view do not count). Both need grids of at least
-        :data:`MATCH_SHARE_MIN_TOKENS` tokens (on a 2x2 grid half the tokens share a match by
-        chance).
-        """
-        assert self.region_loss is not None and t_out["region_flat"] is not None
-        t_rows = t_out["region_flat"]
-        t_rows = t_rows[:: max(1, t_rows.shape[0] // METRIC_ROWS)]
-        ent, kl_uniform = _entropy_and_kl(t_rows, teacher_temp, self.region_loss.center.center)
-        metrics = {"region_teacher_entropy": ent, "region_teacher_kl_uniform": kl_uniform}
-        s_feat, t_feat = s_out["region_feat"], t_out["region_feat"]
-        n = t_feat[0].shape[1]
-        if n < MATCH_SHARE_MIN_TOKENS:
-            return metrics
-        m, g = min(METRIC_IMAGES, t_feat[0].shape[0]), math.isqrt(n)
-        shares, hits, inside = [], [], []
-        for v in range(NUM_GLOBAL_VIEWS):
-            matches = match_regions(s_feat[v][:m], t_feat[1 - v][:m])
-            shares.append(match_share(matches, n))
-            if params is not None and g * g == n:
-                geo, ok = token_correspondence(params[v].boxes[:m], params[v].flip[:m], g,
-                                               params[1 - v].boxes[:m], params[1 - v].flip[:m], g)
-                ok = ok.to(matches.device)
-                hits.append(((matches == geo.to(matches.device)) & ok).sum())
-                inside.append(ok.sum())
-        metrics["region_match_share"] = torch.cat(shares).mean()
-        if inside:
-            metrics["region_match_accuracy"] = sum(hits) / sum(inside).clamp_min(1)
+                   "token_similarity": token_similarity(t_out["region_feat"][0][:m])}
+        if self.region_loss is not None and t_out["region_flat"] is not None:
+            t_rows = t_out["region_flat"]
+            t_rows = t_rows[:: max(1, t_rows.shape[0] // METRIC_ROWS)]
+            ent, kl = entropy_and_kl(t_rows, teacher_temp, self.region_loss.center.center)
+            metrics.update(region_teacher_entropy=ent, region_teacher_kl_uniform=kl)
+            metrics.update(global_view_matching([f[:m] for f in s_out["region_feat"][:NUM_GLOBAL_VIEWS]],
+                                                [f[:m] for f in t_out["region_feat"]], params))
         return metrics
 
     # ------------------------------------------------------------------ state

@@ -12,9 +12,10 @@ import torch
 from esvit.config import ConfigError, load_config
 from esvit.heads import DINOHead
 from esvit.losses import match_regions, match_share
+from esvit.metrics import token_similarity
 from esvit.schedules import Schedules
 from esvit.train.collapse import CollapseMonitor
-from esvit.trainer import EsViTTrainer, token_similarity
+from esvit.trainer import EsViTTrainer
 
 SMALL = dict(global_size=32, local_size=16, n_local=2, out_dim=64, hidden_dim=32, bottleneck_dim=16, seed=0)
 
