@@ -29,6 +29,7 @@ from esvit.eval.knn import knn_accuracy
 from esvit.eval.linear import accuracy, train_linear_lbfgs
 from esvit.train.collapse import CollapseMonitor
 from esvit.train.loop import build_schedules, build_trainer
+from esvit.train.optim import clip_gradients
 from esvit.wrapper import NetWrapper
 
 log = logging.getLogger("cifar")
@@ -120,10 +121,8 @@ def pretrain(cfg: Config, ds, idx: list[int], budget_s: float, workers: int, ste
         out = tr(images, v.teacher_temp, v.region_weight)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        if o.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(tr.student.parameters(), o.clip_grad)
-        if v.freeze_last_layer:
-            tr.cancel_last_layer_gradients()
+        clip_gradients(tr.student.parameters(), o.clip_grad, o.clip_mode,
+                       frozen=tr.last_layer_parameters() if v.freeze_last_layer else ())
         opt.step()
         tr.update_teacher(v.teacher_momentum)
         metrics = {k: float(x.detach()) for k, x in out.items()}

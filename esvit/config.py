@@ -35,6 +35,14 @@ class ModelConfig:
     ``use_bn_in_head``: the official code has one flag for both heads (off in its recipes), but
     BatchNorm over region tokens lets the backbone's tokens collapse (docs/region.md), so it is
     off unless asked for.
+
+    ``drop_path_rate``: the student's stochastic depth, in ``[0, 1)`` (rate of the last block,
+    linear from 0); null (the default) keeps the backbone factory's default: 0.1 for ``swin_t``
+    and ``swin_tiny_cifar``, 0 for ``swin_nano`` and the ViTs (the CIFAR recipes were measured
+    without). The official recipes use 0.1 for Swin and ViT students. A rate > 0 on a backbone
+    without stochastic depth (the ResNets) is an error. The teacher never drops paths.
+    ``sync_bn``: ``auto`` (SyncBatchNorm when several processes run and the student or its heads
+    have BatchNorm, as the official code), ``true`` (a logged no-op on one process) or ``false``.
     """
 
     backbone: str = "cifar_resnet18"
@@ -49,6 +57,8 @@ class ModelConfig:
     use_bn_in_region_head: bool = False
     region_weight: float = 0.5
     region_warmup_epochs: float = 0.0
+    drop_path_rate: float | None = None
+    sync_bn: bool | str = "auto"
 
 
 @dataclass
@@ -69,11 +79,23 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    """Training data. ``kind``: folder, synthetic, cifar10, cifar100 or stl10."""
+    """Training data. ``kind``: folder, synthetic, cifar10, cifar100 or stl10.
+
+    ``resize_mode``: ``letterbox`` (default): workers keep the whole image, with its aspect ratio,
+    in a ``canvas_size`` square (shrunk only when its long side is larger, never enlarged) and
+    send where it lies; the training device draws ``RandomResizedCrop`` boxes on the original
+    image's size, over the whole photo. ``short_side_center_crop`` / ``stretch``: the previous
+    square canvas (crops never see the parts a centre crop cuts off).
+    ``canvas_size``: 512 keeps ImageNet-sized photos (long side <= 500) at their own resolution,
+    so 224 px global crops of ``global_scale`` (0.4, 1) downsample; it costs 768 KiB per image in
+    worker memory and host-to-device transfer. Images that already have the canvas size (CIFAR at
+    32) fill it, and training on them is unchanged.
+    """
 
     kind: str = "folder"
     path: str | None = None
-    canvas_size: int = 256
+    canvas_size: int = 512
+    resize_mode: str = "letterbox"
     num_workers: int = 4
     max_bad_fraction: float = 0.01
     synthetic_images: int = 512
@@ -83,7 +105,12 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """Optimisation. ``batch_size`` is the global batch (all ranks, one optimiser step);
-    ``lr`` is per 256 images and scaled by ``batch_size / 256``."""
+    ``lr`` is per 256 images and scaled by ``batch_size / 256``.
+
+    ``clip_mode``: ``per_param`` clips every parameter tensor's gradient norm to ``clip_grad``
+    separately (the official EsViT/DINO rule, the default); ``global`` clips the norm of all
+    gradients together (``torch.nn.utils.clip_grad_norm_``). ``clip_grad`` 0 disables both.
+    """
 
     epochs: int = 100
     batch_size: int = 256
@@ -94,6 +121,7 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
+    clip_mode: str = "per_param"
     freeze_last_layer_epochs: float = 1.0
     amp: str = "auto"
 
@@ -133,7 +161,13 @@ class CheckpointConfig:
 
 @dataclass
 class KnnConfig:
-    """Optional online kNN monitor on a labeled folder (``every_epochs`` 0 disables)."""
+    """Optional online kNN monitor on a labeled folder (``every_epochs`` 0 disables).
+
+    ``preprocess``: evaluation preprocessing, as ``esvit-knn --preprocess``: ``dino`` (short side
+    to ``global_size / 0.875``, centre crop ``global_size``), ``resize`` (the training canvas
+    resized to ``global_size``) or ``auto`` (``dino`` when the images are larger than
+    ``global_size``).
+    """
 
     every_epochs: int = 0
     train_path: str | None = None
@@ -141,6 +175,7 @@ class KnnConfig:
     k: int = 20
     temperature: float = 0.07
     max_train_images: int = 10000
+    preprocess: str = "auto"
 
 
 @dataclass
@@ -161,7 +196,10 @@ class Config:
 
 _CHOICES = {
     "data.kind": ("folder", "synthetic", "cifar10", "cifar100", "stl10"),
+    "data.resize_mode": ("letterbox", "short_side_center_crop", "stretch"),
     "optim.amp": ("auto", "none", "fp16", "bf16"),
+    "optim.clip_mode": ("per_param", "global"),
+    "knn.preprocess": ("auto", "dino", "resize"),
     "logging.wandb": ("disabled", "offline", "online"),
 }
 _POSITIVE = (
@@ -281,11 +319,33 @@ def check_ranges(
             raise ConfigError(f"{key}: must be in [0, 1], got {_get(cfg, key)!r}")
 
 
+def _validate_drop_path_and_sync_bn(m: ModelConfig) -> None:
+    """``model.drop_path_rate`` in [0, 1), given once, and only for backbones with stochastic depth;
+    ``model.sync_bn`` one of auto, true, false."""
+    if not (isinstance(m.sync_bn, bool) or m.sync_bn == "auto"):
+        raise ConfigError(f"model.sync_bn: must be auto, true or false, got {m.sync_bn!r}")
+    rate = m.drop_path_rate
+    if rate is None:
+        return
+    if not 0 <= rate < 1:
+        raise ConfigError(f"model.drop_path_rate: must be in [0, 1) (or null: the backbone's default), got {rate!r}")
+    if "drop_path_rate" in m.backbone_kwargs:
+        raise ConfigError("model.drop_path_rate: also set as model.backbone_kwargs.drop_path_rate; set it once, "
+                          "as model.drop_path_rate")
+    # imported here: torch is loaded only when a rate is set
+    from esvit.backbones import list_backbones, supports_drop_path
+
+    if rate > 0 and m.backbone in list_backbones() and not supports_drop_path(m.backbone):
+        raise ConfigError(f"model.drop_path_rate: backbone {m.backbone!r} has no stochastic depth (drop-path), "
+                          f"got {rate:g}; set model.drop_path_rate to 0 or null")
+
+
 def validate(cfg: Config) -> Config:
     """Check value ranges and cross-field constraints; raise :class:`ConfigError` naming the key."""
     check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
     if cfg.model.region_out_dim is not None and cfg.model.region_out_dim <= 0:
         raise ConfigError(f"model.region_out_dim: must be > 0 (or null: model.out_dim), got {cfg.model.region_out_dim}")
+    _validate_drop_path_and_sync_bn(cfg.model)
     if cfg.model.region_loss and cfg.model.region_weight == 0:
         raise ConfigError("model.region_weight: 0 trains nothing with the region loss; set model.region_loss=false "
                           "for plain DINO")

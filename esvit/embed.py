@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from esvit.eval.features import preprocess, resolve_device, resolve_eval_model
+from esvit.eval.features import (
+    EvalPreprocess,
+    resolve_device,
+    resolve_eval_model,
+    resolve_preprocess,
+)
+from esvit.eval.features import preprocess as to_model_input
 
 __all__ = ["EMBED_DTYPES", "EMBED_FORMATS", "EmbedResult", "embed", "embed_images"]
 
@@ -62,6 +68,8 @@ class EmbedResult:
         bad_files: ``bad_files.txt`` or None when every image was readable.
         shards: Shard embedding files, in order.
         skipped_shards: Shards found complete and not recomputed.
+        preprocess: The evaluation preprocessing used
+            (:meth:`~esvit.eval.features.EvalPreprocess.record`; also in ``manifest.json``).
     """
 
     out_dir: Path
@@ -74,6 +82,7 @@ class EmbedResult:
     bad_files: Path | None
     shards: list[Path] = field(default_factory=list)
     skipped_shards: int = 0
+    preprocess: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -99,25 +108,29 @@ def _list_inputs(inputs: str | Path | Sequence[str | Path]) -> tuple[list[str], 
 
 
 class _ImageList(torch.utils.data.Dataset):
-    """Decode images to a uint8 canvas: item ``i`` -> ``(image (3, S, S), ok, i, error)``."""
+    """Decode images as ``pre`` says: item ``i`` -> ``(image (3, s, s), ok, i, error)``.
 
-    def __init__(self, paths: Sequence[str], canvas_size: int) -> None:
+    ``pre`` may be a plain decode size ``S`` (the whole centre square at ``S``, no crop), as
+    :mod:`esvit.eval.correspondence` uses it.
+    """
+
+    def __init__(self, paths: Sequence[str], pre: EvalPreprocess | int) -> None:
         from esvit.data.folder import PathTable
 
         self.paths = PathTable(list(paths))
-        self.canvas_size = canvas_size
+        self.pre = pre if isinstance(pre, EvalPreprocess) else EvalPreprocess("resize", pre, pre)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, bool, int, str]:
-        from esvit.data.decode import BadImageError, load_image
+        from esvit.data.decode import BadImageError
 
         try:
-            return load_image(self.paths[i], self.canvas_size), True, i, ""
+            return self.pre.decode(self.paths[i]), True, i, ""
         except BadImageError as e:
-            blank = torch.zeros(3, self.canvas_size, self.canvas_size, dtype=torch.uint8)
-            return blank, False, i, e.reason
+            side = self.pre.item_size
+            return torch.zeros(3, side, side, dtype=torch.uint8), False, i, e.reason
 
 
 # --------------------------------------------------------------------------- shard files
@@ -285,6 +298,7 @@ def embed_images(
     backbone_name: str | None = None,
     image_size: int | None = None,
     canvas_size: int | None = None,
+    preprocess: str = "auto",
     feature: str = "pooled",
     n_last: int | None = None,
     avgpool: bool = False,
@@ -310,7 +324,15 @@ def embed_images(
         checkpoint_key: ``"teacher"`` or ``"student"`` weights of a training checkpoint.
         backbone_name: Registry name for bare state dicts.
         image_size: Resolution fed to the backbone (default: recorded training size, else 224).
-        canvas_size: Decode size (default ``image_size``).
+        canvas_size: ``preprocess='resize'``: decode size (default ``image_size``); giving it
+            makes ``auto`` choose ``resize``.
+        preprocess: ``"auto"`` (default: ``dino`` when the images are larger than
+            ``image_size``, judged on up to 64 evenly spaced images, else ``resize``),
+            ``"dino"`` (short side to ``image_size / 0.875``, centre crop ``image_size``: DINO's
+            ``Resize(256) + CenterCrop(224)``) or ``"resize"`` (short side to ``canvas_size``,
+            centre square, resized to ``image_size``); see
+            :class:`~esvit.eval.features.EvalPreprocess`. The protocol used is recorded in
+            ``manifest.json`` and :attr:`EmbedResult.preprocess`.
         feature: ``"pooled"`` or ``"last_n"``.
         n_last: Blocks / stages for ``last_n``.
         avgpool: ``last_n`` ViT: append the mean patch token.
@@ -347,7 +369,7 @@ def embed_images(
     model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
                                image_size=image_size, feature=feature, n_last=n_last,
                                avgpool=avgpool, device=dev)
-    canvas = canvas_size or model.image_size
+    pre = resolve_preprocess(preprocess, model.image_size, paths, canvas_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a killed run
@@ -355,11 +377,15 @@ def embed_images(
     ext = {"npy": ".npy", "pt": ".pt", "safetensors": ".safetensors"}[format]
     settings = _manifest_settings(
         model=model.cache_token or model.source, feature=feature, n_last=model.encoder.n_last,
-        avgpool=avgpool, image_size=model.image_size, canvas_size=canvas, dtype=dtype,
-        format=format, regions=regions, shard_size=shard_size, inputs=described,
-        num_inputs=len(paths), paths_hash=_paths_hash(paths),
+        avgpool=avgpool, image_size=model.image_size, canvas_size=pre.decode_size,
+        preprocess=pre.protocol, crop_size=pre.crop_size, dtype=dtype, format=format,
+        regions=regions, shard_size=shard_size, inputs=described, num_inputs=len(paths),
+        paths_hash=_paths_hash(paths),
     )
     manifest = _open_manifest(out, settings, overwrite)
+    if manifest.get("preprocess") != pre.record():
+        manifest["preprocess"] = pre.record()  # how auto decided, for the record
+        _save_manifest(out, manifest)
     n_shards = (len(paths) + shard_size - 1) // shard_size
     done = manifest["shards"]
 
@@ -382,7 +408,7 @@ def embed_images(
         log.info("resuming: %d of %d shards already done", skipped, n_shards)
 
     batches = _ShardBatches(pending, shard_size, len(paths), batch_size)
-    dataset = _ImageList(paths, canvas)
+    dataset = _ImageList(paths, pre)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
     bar = tqdm(total=batches.num_images(), desc="embedding", unit="img", disable=not progress)
@@ -427,8 +453,8 @@ def embed_images(
                 bar.update(len(idx))
                 if not good_idx:
                     continue
-                x = preprocess(images[ok].to(dev, non_blocking=dev.type == "cuda"),
-                               model.image_size)
+                x = to_model_input(images[ok].to(dev, non_blocking=dev.type == "cuda"),
+                                   model.image_size)
                 if regions:
                     f, r = model.encoder.forward_with_regions(x)
                 else:
@@ -457,8 +483,10 @@ def embed_images(
     finally:
         bar.close()
 
-    return _finalize(out, manifest, n_shards, shard_files, paths, labels, format, np_dtype,
-                     regions, merge, skipped)
+    res = _finalize(out, manifest, n_shards, shard_files, paths, labels, format, np_dtype,
+                    regions, merge, skipped)
+    res.preprocess = pre.record()
+    return res
 
 
 def _csv_row(path: str, label: str) -> str:
@@ -486,11 +514,14 @@ def _open_manifest(out: Path, settings: dict[str, Any], overwrite: bool) -> dict
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError:
             manifest = None
-        if manifest is not None and manifest.get("settings") == settings:
+        old = dict((manifest or {}).get("settings", {}))
+        if old and "preprocess" not in old:  # written before the protocol was recorded
+            old.update(preprocess="resize", crop_size=None)
+        if manifest is not None and old == settings:
+            manifest["settings"] = settings
             manifest.setdefault("shards", {})
             return manifest
         if not overwrite:
-            old = (manifest or {}).get("settings", {})
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(
                 f"{out} already holds embeddings made with other settings (differs: "

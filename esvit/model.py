@@ -1,6 +1,9 @@
 """EsViTModel: a backbone (through :class:`NetWrapper`) plus the view and region heads.
 
-The student and the EMA teacher are two instances of this module with identical structure.
+The student and the EMA teacher are two instances of this module with identical structure. The
+teacher is made deterministic (:meth:`EsViTModel.make_deterministic`): no dropout and no
+stochastic depth, as the official teacher is built with drop-path 0, while its BatchNorm layers
+still normalise with batch statistics in train mode, as there.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
+from torchvision.ops import StochasticDepth
 
 from esvit.heads import DINOHead
 from esvit.wrapper import NetWrapper
@@ -36,6 +42,35 @@ class ModelOutput(TypedDict):
     region_flat: Tensor | None
     region_feat: list[Tensor]
     pooled: list[Tensor]
+
+
+#: Float attributes that hold a dropout / drop-path rate read at forward time: ``drop_prob``
+#: (timm / official ``DropPath``), ``dropout`` (``nn.MultiheadAttention``; torchvision Swin's
+#: ``ShiftedWindowAttention``), ``attention_dropout`` (torchvision Swin), ``drop_path_prob``.
+RATE_ATTRIBUTES = ("drop_prob", "drop_path_prob", "dropout", "attention_dropout")
+
+
+def zero_stochastic_rates(module: nn.Module) -> int:
+    """Set every dropout and stochastic-depth rate inside ``module`` to 0.
+
+    Covers ``nn.Dropout*`` and torchvision ``StochasticDepth`` (``.p``) and the float rate
+    attributes of :data:`RATE_ATTRIBUTES` (timm-style ``DropPath.drop_prob``,
+    ``nn.MultiheadAttention.dropout``, ...). Parameters and buffers are untouched.
+
+    Returns:
+        How many rates were non-zero before.
+    """
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, (_DropoutNd, StochasticDepth)):
+            changed += m.p != 0
+            m.p = 0.0
+        for attr in RATE_ATTRIBUTES:
+            value = getattr(m, attr, None)
+            if isinstance(value, float):
+                changed += value != 0
+                setattr(m, attr, 0.0)
+    return int(changed)
 
 
 def group_by_resolution(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -71,8 +106,36 @@ class EsViTModel(nn.Module):
         self.view_head = view_head
         self.region_head = region_head
         self.channels_last = channels_last
+        self.deterministic = False
         if channels_last:  # NHWC convolutions are faster with oneDNN (CPU) and cuDNN under AMP
             wrapper.to(memory_format=torch.channels_last)
+
+    def make_deterministic(self) -> EsViTModel:
+        """Make the forward a function of the input batch alone (the EMA teacher's setting).
+
+        Zeroes every dropout / stochastic-depth rate (:func:`zero_stochastic_rates`), and from now
+        on :meth:`train` keeps every submodule except normalisation layers (``_NormBase``:
+        BatchNorm, SyncBatchNorm, InstanceNorm) in eval mode, so that randomness a module draws
+        only while ``training`` (in backbones registered by users too) stays off. In train mode
+        BatchNorm still normalises with the statistics of the batch and updates its running
+        statistics, as the official teacher does. Both survive ``load_state_dict``, SyncBatchNorm
+        conversion and repeated ``train()`` / ``eval()`` calls.
+
+        Returns:
+            ``self``.
+        """
+        zero_stochastic_rates(self)
+        self.deterministic = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> EsViTModel:
+        """Set the training mode; see :meth:`make_deterministic` for the teacher's exception."""
+        super().train(mode)
+        if self.deterministic and mode:
+            for m in self.modules():
+                if m is not self and not isinstance(m, _NormBase):
+                    m.training = False
+        return self
 
     @classmethod
     def build(

@@ -7,13 +7,16 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from esvit.augment import MultiCropAugmentation, ViewParams
-from esvit.backbones import build_backbone
+from esvit.backbones import build_backbone, drop_path_kwargs
+from esvit.data.decode import Canvas
 from esvit.losses import RegionLoss, ViewLoss
 from esvit.losses.cross_entropy import softmax_entropy
 from esvit.metrics import entropy_and_kl, global_view_matching, token_similarity
 from esvit.model import EsViTModel, ModelOutput
+from esvit.train.distributed import convert_sync_batchnorm, is_sync_batchnorm
 from esvit.wrapper import NetWrapper
 
 NUM_GLOBAL_VIEWS = 2
@@ -27,7 +30,10 @@ class EsViTTrainer(nn.Module):
     """Student + EMA teacher + per-sample multi-crop augmentation + view and region losses.
 
     The teacher starts as an exact copy of the student, never receives gradients and is
-    updated only by :meth:`update_teacher`. The teacher sees the two global views; the student
+    updated only by :meth:`update_teacher`. It is deterministic
+    (:meth:`EsViTModel.make_deterministic`): no dropout or stochastic depth, whatever the
+    student's, as the official teacher is built with drop-path 0; its BatchNorm layers (if any)
+    use batch statistics in train mode, as there. The teacher sees the two global views; the student
     sees all views (2 global + ``n_local`` local), with one backbone call per crop resolution.
 
     Args:
@@ -114,7 +120,7 @@ class EsViTTrainer(nn.Module):
             use_bn=use_bn_in_head, norm_last_layer=norm_last_layer, region=region_loss,
             channels_last=channels_last, region_out_dim=region_out_dim, region_use_bn=use_bn_in_region_head,
         )
-        self.teacher = copy.deepcopy(self.student)
+        self.teacher = copy.deepcopy(self.student).make_deterministic()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.view_loss = ViewLoss(out_dim, student_temp, center_momentum)
@@ -126,10 +132,45 @@ class EsViTTrainer(nn.Module):
         self.shard: tuple[int, int] | None = None
 
     @classmethod
-    def from_backbone(cls, name: str, backbone_kwargs: dict | None = None, **kwargs) -> EsViTTrainer:
-        """Build a trainer around a registered backbone (see :func:`esvit.backbones.build_backbone`)."""
-        net, spec = build_backbone(name, **(backbone_kwargs or {}))
+    def from_backbone(
+        cls, name: str, backbone_kwargs: dict | None = None, *, drop_path_rate: float | None = None, **kwargs
+    ) -> EsViTTrainer:
+        """Build a trainer around a registered backbone (see :func:`esvit.backbones.build_backbone`).
+
+        Args:
+            name: Registry name.
+            backbone_kwargs: Factory options.
+            drop_path_rate: The student's stochastic depth (None: the factory's default). A rate
+                > 0 for a backbone without stochastic depth raises ``ValueError``
+                (:func:`esvit.backbones.drop_path_kwargs`). The teacher never drops paths.
+            **kwargs: Constructor arguments of :class:`EsViTTrainer`.
+        """
+        net, spec = build_backbone(name, **drop_path_kwargs(name, backbone_kwargs, drop_path_rate))
         return cls(net, spec.layer, spec.layout, pool=spec.pool, num_prefix_tokens=spec.num_prefix_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ batch norm
+    def has_batchnorm(self) -> bool:
+        """True when the student (backbone or heads) has a BatchNorm layer."""
+        return any(isinstance(m, _BatchNorm) for m in self.student.modules())
+
+    def convert_sync_batchnorm(self, process_group: object | None = None) -> int:
+        """Convert the BatchNorm layers of student and teacher to synchronised BatchNorm.
+
+        Call before wrapping the student in DDP, as the official ``main_esvit.py`` does. On
+        CUDA this is ``torch.nn.SyncBatchNorm``; on CPU (gloo), where torch's refuses to run,
+        :class:`esvit.train.distributed.CPUSyncBatchNorm`. Parameters and buffers are kept (same
+        objects), so state dict keys, the optimiser's parameters and the EMA pairing are unchanged.
+
+        Args:
+            process_group: Group to synchronise over (None: the default group).
+
+        Returns:
+            The number of BatchNorm layers converted in the student.
+        """
+        n = sum(isinstance(m, _BatchNorm) and not is_sync_batchnorm(m) for m in self.student.modules())
+        self.student = convert_sync_batchnorm(self.student, process_group)
+        self.teacher = convert_sync_batchnorm(self.teacher, process_group)
+        return n
 
     # ------------------------------------------------------------------ distributed
     def set_shard(self, rank: int, world_size: int) -> None:
@@ -187,7 +228,9 @@ class EsViTTrainer(nn.Module):
         torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
     # ------------------------------------------------------------------ forward
-    def _check_images(self, images: Tensor) -> None:
+    def _check_images(self, images: Tensor | Canvas) -> None:
+        if isinstance(images, Canvas):
+            images = images.image
         if not isinstance(images, Tensor):
             raise TypeError(f"EsViTTrainer expects a uint8 tensor (b, 3, H, W), got {type(images).__name__}")
         if images.dtype != torch.uint8:
@@ -200,11 +243,14 @@ class EsViTTrainer(nn.Module):
         if images.shape[0] < 1:
             raise ValueError("EsViTTrainer got an empty batch")
 
-    def forward(self, images: Tensor, teacher_temp: float, region_weight: float | None = None) -> dict[str, Tensor]:
+    def forward(self, images: Tensor | Canvas, teacher_temp: float, region_weight: float | None = None
+                ) -> dict[str, Tensor]:
         """Augment a batch, run student and teacher, and compute the losses.
 
         Args:
-            images: uint8 images ``(b, 3, H, W)``, on any device (moved to the model's).
+            images: uint8 images ``(b, 3, H, W)``, on any device (moved to the model's), or a
+                letterboxed :class:`~esvit.data.decode.Canvas` batch (the training loader's
+                items): crops are then drawn over each whole original image.
             teacher_temp: Current teacher temperature.
             region_weight: This step's region weight ``w`` (None: the constructor's); the loss is
                 ``(1 - w) * view_loss + w * region_loss``.
@@ -227,6 +273,8 @@ class EsViTTrainer(nn.Module):
             if isinstance(self.augment, MultiCropAugmentation):
                 views, params = self.augment.forward_with_params(images, self.shard)
             else:  # a custom augmentation: no crop geometry for region_match_accuracy
+                if isinstance(images, Canvas):
+                    images = images.image
                 views = self.augment(images, shard=self.shard) if self.shard else self.augment(images)
                 params = None
         n_t = NUM_GLOBAL_VIEWS

@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from esvit.backbones import (
     BackboneSpec,
     FlexibleVisionTransformer,
     build_backbone,
+    drop_path_kwargs,
     list_backbones,
     register_backbone,
+    supports_drop_path,
     torchvision_equivalent,
 )
 from esvit.backbones import registry as registry_mod
-from esvit.backbones.vit import interpolate_pos_embedding
+from esvit.backbones.torchvision_models import swin_t
+from esvit.backbones.vit import DropPathEncoderBlock, interpolate_pos_embedding
 
 EXPECTED = {
     "resnet18",
     "resnet50",
     "swin_t",
+    "swin_s",
+    "swin_b",
     "vit_b_16",
+    "vit_small",
     "cifar_resnet18",
     "vit_tiny",
     "vit_small_cifar",
     "swin_tiny_cifar",
     "swin_nano",
+    "vit_nano",
 }
 
 # name -> (build kwargs, native test image size); small sizes / depths keep the test fast.
@@ -37,12 +46,16 @@ EQUIV_CASES = {
     "resnet18": ({}, 64),
     "resnet50": ({}, 32),
     "swin_t": ({}, 32),
+    "swin_s": ({}, 32),
+    "swin_b": ({}, 32),
     "vit_b_16": ({"image_size": 32}, 32),
+    "vit_small": ({"image_size": 32}, 32),
     "cifar_resnet18": ({}, 32),
     "vit_tiny": ({"depth": 2}, 32),
     "vit_small_cifar": ({"depth": 6, "image_size": 16}, 16),
     "swin_tiny_cifar": ({}, 32),
     "swin_nano": ({}, 32),
+    "vit_nano": ({}, 32),
 }
 
 
@@ -127,7 +140,7 @@ def test_classifier_removed_and_no_pretrained() -> None:
 
 # The big torchvision entries are plain torchvision models (structure covered by the small
 # ones); their equivalence check is slow-only. Each is still built once in test_wrapper.py.
-BIG = {"resnet50", "swin_t", "vit_b_16"}
+BIG = {"resnet50", "swin_t", "swin_s", "swin_b", "vit_b_16", "vit_small"}
 
 
 @pytest.mark.parametrize(
@@ -225,3 +238,130 @@ def test_interpolate_pos_embedding() -> None:
     )
     with pytest.raises(ValueError, match="square"):
         interpolate_pos_embedding(torch.randn(1, 1 + 15, 8), (4, 4))
+
+
+# ---------------------------------------------------------------------------- stochastic depth
+
+NO_DROP_PATH = {"resnet18", "resnet50", "cifar_resnet18"}
+
+
+def test_drop_path_support_is_read_from_the_factory_signature() -> None:
+    builtin = [n for n in list_backbones() if not n.startswith("_")]
+    assert {n for n in builtin if not supports_drop_path(n)} == NO_DROP_PATH
+
+    @register_backbone("_test_dp_yes")
+    def yes(width: int = 4, drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
+        return nn.Conv2d(3, width, 1), BackboneSpec("_test_dp_yes", "", "bchw", 0, "avg", width, None)
+
+    @register_backbone("_test_dp_kwargs")
+    def anything(**kwargs: object) -> tuple[nn.Module, BackboneSpec]:
+        return nn.Conv2d(3, 4, 1), BackboneSpec("_test_dp_kwargs", "", "bchw", 0, "avg", 4, None)
+
+    try:
+        assert supports_drop_path("_test_dp_yes")
+        assert not supports_drop_path("_test_dp_kwargs")  # **kwargs declares nothing
+        assert drop_path_kwargs("_test_dp_yes", {"width": 2}, 0.2) == {"width": 2, "drop_path_rate": 0.2}
+        with pytest.raises(ValueError, match="'_test_dp_kwargs' has no stochastic depth"):
+            drop_path_kwargs("_test_dp_kwargs", {}, 0.2)
+    finally:
+        registry_mod._REGISTRY.pop("_test_dp_yes", None)
+        registry_mod._REGISTRY.pop("_test_dp_kwargs", None)
+
+
+def test_drop_path_errors_name_the_key_and_backbone() -> None:
+    for name in sorted(NO_DROP_PATH):
+        with pytest.raises(ValueError, match=rf"drop_path_rate=0.1 .* backbone '{name}' has no stochastic depth"):
+            drop_path_kwargs(name, {}, 0.1)
+        assert drop_path_kwargs(name, {"image_size": 32}, 0.0) == {"image_size": 32}  # asked for none
+        assert drop_path_kwargs(name, {}, None) == {}
+    with pytest.raises(ValueError, match="given twice"):
+        drop_path_kwargs("vit_nano", {"drop_path_rate": 0.1}, 0.1)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"drop_path_rate must be a number in \[0, 1\)"):
+            build_backbone("vit_nano", drop_path_rate=bad)
+        with pytest.raises(ValueError, match=r"drop_path_rate must be a number in \[0, 1\)"):
+            drop_path_kwargs("swin_nano", {}, bad)
+    with pytest.raises(TypeError, match=r"'resnet18'.*\['drop_path_rate'\]"):
+        build_backbone("resnet18", drop_path_rate=0.1)
+
+
+def _block_rates(net: nn.Module) -> list[float]:
+    return [m.p for m in net.modules() if isinstance(m, StochasticDepth)]
+
+
+DROP_PATH_BUILD = {name: EQUIV_CASES[name][0] for name in EQUIV_CASES if name not in NO_DROP_PATH}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in sorted(DROP_PATH_BUILD)]
+)
+def test_every_drop_path_backbone_honours_the_rate(name: str) -> None:
+    """Rates rise linearly from 0 at the first block to drop_path_rate at the last (official rule)."""
+    net, _ = build_backbone(name, **DROP_PATH_BUILD[name], drop_path_rate=0.3)
+    rates = _block_rates(net)
+    # torchvision Swin: one StochasticDepth per block; our ViT blocks: one, used on both branches
+    assert len(rates) >= 2 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)
+    steps = [b - a for a, b in zip(rates, rates[1:], strict=False)]
+    assert all(s == pytest.approx(steps[0]) for s in steps)
+    assert _block_rates(build_backbone(name, **DROP_PATH_BUILD[name], drop_path_rate=0.0)[0]) == [0.0] * len(rates)
+
+
+def test_drop_path_defaults() -> None:
+    """The official EsViT student values for the ImageNet backbones (swin_t 0.1, swin_s/b 0.2 from
+    ``experiments/imagenet/swin/*_window7_224.yaml``, ViT-S 0.1 from ``main_esvit.py``; torchvision's
+    swin_t hardcodes 0.2); the small CIFAR ViTs: 0."""
+    assert inspect.signature(swin_t).parameters["drop_path_rate"].default == 0.1
+    for name, rate in (("swin_s", 0.2), ("swin_b", 0.2), ("vit_small", 0.1)):
+        assert inspect.signature(registry_mod._REGISTRY[name]).parameters["drop_path_rate"].default == rate
+    for name in ("vit_nano", "vit_tiny", "vit_small_cifar", "vit_b_16", "swin_nano"):
+        factory = registry_mod._REGISTRY[name]
+        assert inspect.signature(factory).parameters["drop_path_rate"].default == 0.0, name
+    assert max(_block_rates(build_backbone("swin_tiny_cifar")[0])) == pytest.approx(0.1)
+
+
+def test_vit_drop_path_is_per_sample_on_both_residual_branches() -> None:
+    torch.manual_seed(0)
+    net, _ = build_backbone("vit_nano", drop_path_rate=0.5)
+    block = net.encoder.layers[-1]
+    assert isinstance(block, DropPathEncoderBlock)
+    x = torch.randn(6, 5, 64)
+    block.stochastic_depth.p = 1.0  # both branches always dropped: the block is the identity
+    block.train()
+    assert torch.equal(block(x), x)
+    block.eval()  # no stochastic depth in eval mode
+    assert not torch.allclose(block(x), x)
+    block.stochastic_depth.p = 0.5
+    block.train()
+    torch.manual_seed(1)
+    y = block(x)
+    # per sample, each branch is dropped or kept and scaled by 1 / (1 - p) = 2 (DINO's DropPath)
+    with torch.no_grad():
+        h = block.ln_1(x)
+        attn = block.self_attention(h, h, h, need_weights=False)[0]
+        seen = set()
+        for i in range(x.shape[0]):
+            combos = {}
+            for ka in (0.0, 2.0):
+                x1 = x[i] + ka * attn[i]
+                for km in (0.0, 2.0):
+                    combos[(ka, km)] = x1 + km * block.mlp(block.ln_2(x1))
+            match = [k for k, v in combos.items() if torch.allclose(y[i], v, atol=1e-5)]
+            assert len(match) == 1, f"sample {i} is none of the four drop/keep combinations"
+            seen.add(match[0])
+    assert len(seen) > 1  # not one mask for the whole batch
+
+
+def test_vit_with_drop_path_is_torchvision_in_eval() -> None:
+    torch.manual_seed(0)
+    net, _ = build_backbone("vit_nano", drop_path_rate=0.2)
+    ref = torchvision_equivalent("vit_nano", drop_path_rate=0.2)
+    assert list(net.state_dict()) == list(ref.state_dict())  # stochastic depth adds no state
+    ref.load_state_dict(net.state_dict(), strict=True)
+    net.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x))
+    net.train()
+    with torch.no_grad():
+        assert not torch.allclose(net(x), net(x))  # the student's drop-path acts in training

@@ -1,4 +1,5 @@
-"""Data layer: folder scanning, decoding to a uint8 canvas, bad files, synthetic data, sampling."""
+"""Data layer: folder scanning, decoding to a uint8 canvas (square or letterboxed), EXIF orientation,
+bad files and bad input, synthetic data, sampling."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
+from esvit.augment import MultiCropAugmentation
 from esvit.data import (
     BadImageCounter,
     BadImageError,
+    Canvas,
     EpochSampler,
     ImageFolderDataset,
     PathTable,
@@ -25,6 +28,7 @@ from esvit.data import (
     SyntheticImageDataset,
     build_dataset,
     build_loader,
+    load_canvas,
     load_image,
     scan_image_folder,
     write_synthetic_image_folder,
@@ -32,6 +36,7 @@ from esvit.data import (
 from esvit.data import folder as folder_mod
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train"
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 
 
 def _save(path: Path, img: Image.Image, **kw) -> Path:
@@ -281,6 +286,222 @@ def test_decode_bomb_is_a_bad_image(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 x 100: bomb error
     with pytest.raises(BadImageError, match="DecompressionBomb"):
         load_image(path, 8)
+
+
+# --------------------------------------------------------------------------- letterbox and EXIF
+
+
+def test_letterbox_keeps_the_whole_image_at_its_own_size(tmp_path: Path) -> None:
+    wide = Image.new("RGB", (30, 10), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 10))  # the left third, which the centre crop drops
+    c = load_canvas(_save(tmp_path / "wide.png", wide), 32)
+    assert isinstance(c, Canvas) and c.image.shape == (3, 32, 32) and c.image.dtype == torch.uint8
+    assert c.box.tolist() == [0, 0, 10, 30] and c.source_size.tolist() == [10, 30]
+    assert (c.image[2, :10, :10] == 255).all() and (c.image[0, :10, 10:30] == 255).all()  # pixel for pixel
+    assert (c.image[:, 11:] == 0).all() and (c.image[:, :, 31:] == 0).all()  # padding beyond one replicated px
+    small = load_canvas(tmp_path / "wide.png", 15)  # long side 30 > 15: shrunk, aspect kept
+    assert small.box.tolist() == [0, 0, 5, 15] and small.source_size.tolist() == [10, 30]
+    with pytest.raises(ValueError, match="load_canvas"):
+        load_image(tmp_path / "wide.png", 16, resize_mode="letterbox")
+    with pytest.raises(BadImageError, match="missing"):
+        load_canvas(tmp_path / "missing.jpg", 16)
+
+
+def test_letterbox_huge_jpeg_uses_draft_and_reports_the_original_size(tmp_path: Path, monkeypatch) -> None:
+    from PIL import JpegImagePlugin
+
+    arr = np.full((3000, 4000, 3), 90, dtype=np.uint8)
+    path = _save(tmp_path / "big.jpg", Image.fromarray(arr), format="JPEG", quality=80)
+    drafted: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = real_draft(self, mode, size)
+        drafted.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    c = load_canvas(path, 512)
+    assert drafted == [(500, 375)], "1/8 scale keeps the long side within 7/8 of the canvas"
+    assert c.box.tolist() == [0, 0, 375, 500] and c.source_size.tolist() == [3000, 4000]
+    assert abs(float(c.image[:, :375, :500].float().mean()) - 90) < 2
+    drafted.clear()
+    c = load_canvas(path, 1024)  # 1/8 would be too small (500 < 896): 1/4, then shrunk to fit
+    assert drafted == [(1000, 750)] and c.box.tolist() == [0, 0, 750, 1000]
+    drafted.clear()
+    c = load_canvas(path, 600)  # 1/4 = 1000x750 is the smallest that covers 525: shrunk to 600x450
+    assert drafted == [(1000, 750)] and c.box.tolist() == [0, 0, 450, 600]
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "esvit test camera"  # Make: a second tag, as cameras write
+    return exif
+
+
+def _upright_pattern() -> np.ndarray:
+    """A 24x16 (h x w) image whose quadrants are red, green, blue and white: any rotation or
+    mirror of it is recognisable."""
+    a = np.zeros((24, 16, 3), dtype=np.uint8)
+    a[:12, :8] = (255, 0, 0)
+    a[:12, 8:] = (0, 255, 0)
+    a[12:, :8] = (0, 0, 255)
+    a[12:, 8:] = (255, 255, 255)
+    return a
+
+
+# The stored pixels for EXIF orientation k: the inverse of the transform a viewer applies.
+_STORE = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_by_every_decode(tmp_path: Path, orientation: int) -> None:
+    upright = _upright_pattern()
+    stored = np.ascontiguousarray(_STORE[orientation](upright))
+    path = _save(tmp_path / f"o{orientation}.jpg", Image.fromarray(stored), format="JPEG", quality=95,
+                 exif=_exif(orientation))
+    assert Image.open(path).getexif()[0x0112] == orientation
+    want = torch.from_numpy(upright).permute(2, 0, 1).float()
+    c = load_canvas(path, 32)
+    assert c.box.tolist() == [0, 0, 24, 16] and c.source_size.tolist() == [24, 16]
+    assert (c.image[:, :24, :16].float() - want).abs().mean() < 8
+    square = load_image(path, 16, resize_mode="stretch").float()  # the evaluation / embedding decode
+    ref = torch.nn.functional.interpolate(want[None], size=(16, 16), mode="area")[0]
+    assert (square - ref).abs().mean() < 25, "upright, not rotated or mirrored"
+
+
+def test_real_photo_with_exif_rotation_decodes_upright() -> None:
+    rotated, plain = SHARED_PHOTOS / "coffee_exif_rotated.jpg", SHARED_PHOTOS / "coffee.jpg"
+    if not rotated.is_file() or not plain.is_file():
+        pytest.skip(f"{SHARED_PHOTOS} not present")
+    assert Image.open(rotated).size == (400, 600)  # stored sideways
+    a, b = load_canvas(rotated, 640), load_canvas(plain, 640)
+    assert a.box.tolist() == b.box.tolist() == [0, 0, 400, 600] and a.source_size.tolist() == [400, 600]
+    assert (a.image.float() - b.image.float()).abs().mean() < 3
+    assert (load_image(rotated, 224).float() - load_image(plain, 224).float()).abs().mean() < 3
+    sideways = torch.from_numpy(np.array(Image.open(rotated).convert("RGB"))).permute(2, 0, 1)
+    assert (sideways[:, :224, :224].float() - load_image(plain, 224)[:, :224, :224].float()).abs().mean() > 10
+
+
+def test_real_photos_letterbox_with_their_own_aspect_ratio() -> None:
+    if not SHARED_PHOTOS.is_dir():
+        pytest.skip(f"{SHARED_PHOTOS} not present")
+    for name, (w, h) in {"chelsea.jpg": (451, 300), "rocket.jpg": (640, 427), "astronaut.jpg": (512, 512)}.items():
+        c = load_canvas(SHARED_PHOTOS / name, 512)
+        assert c.source_size.tolist() == [h, w]
+        bh, bw = c.box.tolist()[2:]
+        assert max(bh, bw) == min(512, max(h, w)) and abs(bw / bh - w / h) < 0.01, name
+
+
+def _odd_images(root: Path) -> dict[str, tuple[int, int]]:
+    """Extreme aspect ratios, tiny images and CMYK / 16-bit / palette / LA files with EXIF tags;
+    returns name -> upright (height, width)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1000, 1, 3), dtype=np.uint8)).save(root / "tall_1x1000.png")
+    Image.fromarray(rng.integers(0, 256, (1, 1000, 3), dtype=np.uint8)).save(root / "wide_1000x1.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "tiny_8x8.png")
+    Image.new("RGB", (1, 1), (9, 8, 7)).save(root / "one_pixel.png")
+    Image.new("CMYK", (40, 20), (0, 255, 255, 0)).save(root / "cmyk.jpg", quality=95, exif=_exif(6))
+    Image.fromarray(np.full((20, 40), 40000, dtype=np.uint16)).save(root / "gray16.png", exif=_exif(8))
+    pal = Image.new("P", (40, 20), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.save(root / "palette.png", exif=_exif(3))
+    Image.new("LA", (20, 40), (100, 128)).save(root / "gray_alpha.png", exif=_exif(5))
+    return {"tall_1x1000.png": (1000, 1), "wide_1000x1.jpg": (1, 1000), "tiny_8x8.png": (8, 8),
+            "one_pixel.png": (1, 1), "cmyk.jpg": (40, 20), "gray16.png": (40, 20), "palette.png": (20, 40),
+            "gray_alpha.png": (20, 40)}
+
+
+def test_bad_input_gives_valid_canvases_and_crops(tmp_path: Path) -> None:
+    sizes = _odd_images(tmp_path / "odd")
+    ds = ImageFolderDataset(tmp_path / "odd", 64, resize_mode="letterbox")
+    items = [ds[i] for i in range(len(ds))]
+    assert all(st.ok for _, _, st in items), [st.error for _, _, st in items if not st.ok]
+    for (c, _, _), path in zip(items, ds.paths, strict=True):
+        h, w = sizes[Path(path).name]
+        assert c.source_size.tolist() == [h, w], path
+        top, left, bh, bw = c.box.tolist()
+        assert top == left == 0 and 1 <= bh <= 64 and 1 <= bw <= 64 and max(bh, bw) == min(64, max(h, w)), path
+    by_name = {Path(p).name: c for (c, _, _), p in zip(items, ds.paths, strict=True)}
+    assert (by_name["cmyk.jpg"].image[0, :40, :20].float().mean() > 200)  # red, upright (20 wide)
+    assert (by_name["gray16.png"].image[:, :40, :20].float().mean() - 40000 / 257).abs() < 1
+    assert (by_name["palette.png"].image[2, :20, :40] == 255).all()
+    batch, _, _ = default_collate(items)
+    aug = MultiCropAugmentation(32, 16, 4, seed=0)
+    views, params = aug.forward_with_params(batch)
+    assert all(torch.isfinite(v).all() for v in views)
+    for p in params:
+        top, left, bh, bw = p.source_boxes.unbind(1)
+        src = batch.source_size
+        assert (bh >= 1).all() and (bw >= 1).all() and (top >= 0).all() and (left >= 0).all()
+        assert (top + bh <= src[:, 0]).all() and (left + bw <= src[:, 1]).all()
+        ctop, cleft, ch, cw = p.boxes.unbind(1)
+        assert (ctop + ch <= batch.box[:, 2] + 1e-4).all() and (cleft + cw <= batch.box[:, 3] + 1e-4).all()
+    # the square decode (evaluation) takes the same files
+    assert all(load_image(p, 16).shape == (3, 16, 16) for p in ds.paths)
+
+
+def test_every_dataset_kind_yields_letterboxed_canvases(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    syn = build_dataset("synthetic", None, 16, synthetic_images=4, resize_mode="letterbox")
+    c, _, _ = syn[0]
+    assert isinstance(c, Canvas) and c.box.tolist() == [0, 0, 16, 16] and c.source_size.tolist() == [16, 16]
+    assert torch.equal(c.image, build_dataset("synthetic", None, 16, synthetic_images=4)[0][0])
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8), "labels": [1, 2]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    big = build_dataset("cifar10", str(tmp_path), 48, train=False, resize_mode="letterbox")[0][0]
+    native = build_dataset("cifar10", str(tmp_path), 32, train=False)[0][0]
+    assert big.box.tolist() == [0, 0, 32, 32], "never enlarged: the crops upsample from the original"
+    assert torch.equal(big.image[:, :32, :32], native)
+    same = build_dataset("cifar10", str(tmp_path), 32, train=False, resize_mode="letterbox")[0][0]
+    assert torch.equal(same.image, native) and same.box.tolist() == [0, 0, 32, 32]
+
+    from esvit.data import ArrayImageDataset
+
+    stl = ArrayImageDataset(rng.integers(0, 255, (2, 3, 96, 64), dtype=np.uint8), [0, 1], ["a", "b"], 48,
+                            layout="nchw", resize_mode="letterbox")
+    c = stl[1][0]
+    assert c.box.tolist() == [0, 0, 48, 32] and c.source_size.tolist() == [96, 64]
+
+    write_synthetic_image_folder(tmp_path / "f", 2, 2, size=10)
+    folder = build_dataset("folder", tmp_path / "f", 12, resize_mode="letterbox")
+    assert folder[0][0].box.tolist() == [0, 0, 10, 10]
+
+
+def test_letterbox_loader_with_workers_and_substitutes(tmp_path: Path) -> None:
+    _folder_with_bad_files(tmp_path)
+    ds = ImageFolderDataset(tmp_path, 16, resize_mode="letterbox", max_bad_fraction=0.5)
+    loader = build_loader(ds, batch_size=5, num_workers=2, shuffle=False, seed=0)
+    batches = list(loader)
+    assert len(batches) == 3
+    for canvas, _, _ in batches:
+        assert isinstance(canvas, Canvas) and canvas.image.shape == (5, 3, 16, 16) and canvas.box.shape == (5, 4)
+        assert (canvas.box[:, 2:] == 12).all() and (canvas.source_size == 12).all()
+    assert int(sum((~s.ok).sum() for _, _, s in batches)) == 3
+    (tmp_path / "all_bad").mkdir()
+    (tmp_path / "all_bad" / "x.jpg").write_bytes(b"")
+    blank, label, st = ImageFolderDataset(tmp_path / "all_bad", 8, resize_mode="letterbox")[0]
+    assert not st.ok and label == -1 and (blank.image == 0).all() and blank.box.tolist() == [0, 0, 8, 8]
 
 
 # -------------------------------------------------------------------------------- dataset and counting

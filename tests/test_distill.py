@@ -215,6 +215,13 @@ def test_deit_from_vit_copies_the_backbone() -> None:
         build_student("cifar_resnet18", {}, 4, deit=True)
 
 
+def test_deit_student_keeps_the_vits_stochastic_depth() -> None:
+    vit, _ = build_backbone("vit_nano", image_size=32, depth=2, drop_path_rate=0.2)
+    model = deit_from_vit(vit, 4)
+    assert model.drop_path_rate == 0.2
+    assert [b.stochastic_depth.p for b in model.encoder.layers] == pytest.approx([0.0, 0.2])
+
+
 def test_deit_converts_back_to_plain_vit() -> None:
     model = _deit(num_classes=5)
     state = to_plain_vit_state_dict(model, keep_head=True)

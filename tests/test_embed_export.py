@@ -207,7 +207,10 @@ def test_embed_npy_csv_matches_direct_features(images, resnet_ckpt, tmp_path, ca
     out = tmp_path / "emb"
     rc = main(["--checkpoint", str(path), "--input", str(images), "--out", str(out),
                "--batch-size", "3", "--shard-size", "4", "--num-workers", "0", "--no-progress"])
-    assert rc == 0 and "embedded 10 images (dim 512)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert rc == 0 and "embedded 10 images (dim 512)" in printed
+    # 32 px images at evaluation size 32: decoded at their own size (auto chose resize)
+    assert "preprocessing: resize (short side 32, centre square), auto" in printed
     emb = np.load(out / "embeddings.npy")
     rows = _read_csv(out / "embeddings.csv")
     assert emb.shape == (10, 512) and emb.dtype == np.float32

@@ -266,6 +266,9 @@ def test_linear_probe_lbfgs_and_cache(folder, ckpt, tmp_path, monkeypatch):
     assert res["solver"] == "lbfgs" and res["feature_dim"] == 512 and res["image_size"] == 32
     saved = json.loads((out / "linear_results.json").read_text())
     assert saved["val"] == res["val"]
+    # 32 px images at evaluation size 32: decoded at their own size, no centre crop
+    assert saved["preprocess"] == {"protocol": "resize", "requested": "auto", "image_size": 32,
+                                   "decode_size": 32, "crop_size": None, "median_short_side": 32}
     blob = safe_load(out / "linear_classifier.pt")
     clf = LinearClassifier(blob["in_dim"], blob["num_classes"], blob["norm"])
     clf.load_state_dict(blob["state_dict"], strict=True)
@@ -304,7 +307,8 @@ def test_knn_eval_api(folder, ckpt, tmp_path):
     assert set(res["knn"]) == {"1", "5", "200"} and res["n_train"] == 21
     assert res["knn"]["1"]["top1"] >= 85.0
     assert "top5" not in res["knn"]["1"]  # 3 classes only
-    assert json.loads((tmp_path / "knn_results.json").read_text())["knn"] == res["knn"]
+    saved = json.loads((tmp_path / "knn_results.json").read_text())
+    assert saved["knn"] == res["knn"] and saved["preprocess"]["protocol"] == "resize"
 
 
 # ----------------------------------------------------------------------------- CLIs

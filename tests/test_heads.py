@@ -97,6 +97,16 @@ def test_bf16_autocast_finite() -> None:
         out = head(x)
     assert out.shape == (4, 3, 32)
     assert torch.isfinite(out).all()
+    assert out.dtype == torch.float32  # the head runs in float32 under autocast
+
+
+def test_head_cast_to_bf16_runs_in_its_own_dtype() -> None:
+    """A head whose parameters were cast (e.g. for export) computes in their dtype, fp32 input or not."""
+    head = small_head().to(torch.bfloat16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = head(torch.randn(4, 16))
+    assert out.dtype == torch.bfloat16
+    assert small_head().to(torch.bfloat16)(torch.randn(4, 16)).dtype == torch.bfloat16
 
 
 def test_deepcopy_and_state_dict() -> None:

@@ -230,3 +230,24 @@ def test_losses_under_autocast_equal_float32_of_same_inputs() -> None:
         got = view(s_view, t_view, 0.04) + region(s_out, s_feat, t_out, t_feat, 0.04)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_bf16_inputs_under_autocast_are_computed_in_float32() -> None:
+    """bf16 head outputs: targets, centre and losses equal float32 math on the same values."""
+    from esvit.losses import teacher_probs
+
+    s_view, t_view, s_out, s_feat, t_out, t_feat = make_views(1, seed=7)
+    low = [[x.to(torch.bfloat16) for x in xs] for xs in (s_view, t_view, s_out, s_feat, t_out, t_feat)]
+    full = [[x.float() for x in xs] for xs in low]
+    center = torch.randn(1, K)
+    want_q = F.softmax((full[1][0] - center) / 0.04, dim=-1)
+    view, region, c_low, c_full = ViewLoss(K), RegionLoss(K), Center(K), Center(K)
+    want = view(full[0], full[1], 0.04) + region(*full[2:], 0.04)
+    c_full.update(torch.stack(full[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = teacher_probs(low[1][0], center, 0.04)
+        got = view(low[0], low[1], 0.04) + region(*low[2:], 0.04)
+        c_low.update(torch.stack(low[1]))
+    assert q.dtype == torch.float32 and torch.allclose(q, want_q, rtol=1e-5, atol=1e-7)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6)
+    assert c_low.center.dtype == torch.float32 and torch.allclose(c_low.center, c_full.center, rtol=1e-6)

@@ -131,6 +131,25 @@ def test_knn_monitor_on_labeled_folder(tmp_path: Path) -> None:
     assert knn and 0.0 <= knn[0]["knn_top1"] <= 100.0
 
 
+def test_knn_monitor_bad_folder_fails_before_the_first_step(tmp_path: Path) -> None:
+    """A typo in knn.val_path stops the run at start-up, not after the first epoch's compute."""
+    from esvit.data import write_synthetic_image_folder
+
+    write_synthetic_image_folder(tmp_path / "train", n_per_class=4, num_classes=2, size=32, seed=0)
+    with pytest.raises((FileNotFoundError, ValueError), match="nope"):
+        train(cfg(tmp_path / "run", "knn.every_epochs=1", f"knn.train_path={tmp_path / 'train'}",
+                  f"knn.val_path={tmp_path / 'nope'}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_knn_preprocess_key_is_checked() -> None:
+    from esvit.config import ConfigError, load_config
+
+    assert load_config(None, ["knn.preprocess=dino"]).knn.preprocess == "dino"
+    with pytest.raises(ConfigError, match="knn.preprocess"):
+        load_config(None, ["knn.preprocess=crop"])
+
+
 def test_collapse_warnings_reach_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import functools

@@ -11,7 +11,15 @@ from esvit.augment.color import (
     solarize,
     to_grayscale,
 )
-from esvit.augment.crop import boxes_to_rois, resized_crop, sample_crop_boxes
+from esvit.augment.crop import (
+    CropDraws,
+    boxes_to_canvas,
+    boxes_to_rois,
+    crop_boxes_from_draws,
+    draw_crop_boxes,
+    resized_crop,
+    sample_crop_boxes,
+)
 from esvit.augment.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +29,7 @@ from esvit.augment.multicrop import (
 )
 
 __all__ = [
+    "CropDraws",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MIN_IMAGE_SIZE",
@@ -31,8 +40,11 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "blur_kernel_size",
+    "boxes_to_canvas",
     "boxes_to_rois",
     "color_jitter",
+    "crop_boxes_from_draws",
+    "draw_crop_boxes",
     "gaussian_blur",
     "gaussian_kernel1d",
     "resized_crop",

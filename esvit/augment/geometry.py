@@ -1,7 +1,8 @@
 """Where a region token of one view lies in another view of the same image.
 
-Every view is a crop box ``(top, left, h, w)`` of the input (``ViewParams.boxes``), resized to a
-square and possibly flipped. The token at row ``r``, column ``c`` of a ``g x g`` grid covers the
+Every view is a crop box ``(top, left, h, w)`` of the input (``ViewParams.boxes``, in canvas
+pixels, possibly fractional), resized to a square and possibly flipped. All views of a sample live
+in the same canvas, so correspondences need no knowledge of the letterbox. The token at row ``r``, column ``c`` of a ``g x g`` grid covers the
 centre ``((r + 0.5) / g, (c + 0.5) / g)`` of the view, which maps back to input pixels and from
 there into any other view. The region loss matches tokens by feature similarity; this geometric
 correspondence is what a perfect matching would find, and the trainer reports how often the
@@ -20,7 +21,7 @@ def token_centres(boxes: Tensor, flip: Tensor, grid: int) -> tuple[Tensor, Tenso
     """Input-pixel coordinates of the token centres of a view.
 
     Args:
-        boxes: ``(b, 4)`` crop boxes ``(top, left, h, w)``.
+        boxes: ``(b, 4)`` crop boxes ``(top, left, h, w)`` (int or float).
         flip: ``(b,)`` bool, the view is the mirrored crop.
         grid: Side ``g`` of the view's token grid.
 

@@ -1,8 +1,8 @@
 """Batched DINO/EsViT multi-crop augmentation.
 
-``MultiCropAugmentation`` turns a ``uint8`` batch ``(b, 3, H, W)`` (any device) into 2 global
-views and ``n_local`` local views, each with its own random parameters per sample, with the
-DINO recipe:
+``MultiCropAugmentation`` turns a ``uint8`` batch ``(b, 3, H, W)`` (any device), or a batch of
+letterboxed :class:`~esvit.data.decode.Canvas` images, into 2 global views and ``n_local`` local
+views, each with its own random parameters per sample, with the DINO recipe:
 
 ==================  =========================  =========================  =====================
 op                  global 1                   global 2                   local
@@ -16,18 +16,29 @@ solarize (>= 0.5)   --                         0.2                        --
 normalise           ImageNet mean / std        same                       same
 ==================  =========================  =========================  =====================
 
-All views of one output size are processed as one batch: one ``roi_align`` call crops,
-resizes and flips them, and every other op is a batched tensor op with per-sample
+Crop boxes follow ``RandomResizedCrop.get_params`` on each sample's *original* image size
+(``Canvas.source_size``; the canvas size for a plain tensor): the area fraction is relative to
+the original's area, the aspect ratio log-uniform, 10 attempts then the centred fallback, so
+every pixel of the photo can appear in a crop. The boxes are then mapped into the image's region
+of the canvas (``Canvas.box``) and resampled from there: a photo that fits the canvas is cropped
+on its own pixel grid, as torchvision would crop the original.
+
+All views of one output size are processed as one batch: one ``roi_align`` call crops and
+resizes them (from the part of the canvases any box reaches, converted to float once), one
+indexed copy flips the selected crops, and every other op is a batched tensor op with per-sample
 parameters (ops with ``p < 1`` run on the selected subset via indexing /
 ``index_copy_``). The number of tensor operations per call does not depend on the batch
 size. Random parameters are drawn from an internal CPU ``torch.Generator``
 (``get_rng_state`` / ``set_rng_state`` for exact resume) and moved to the images' device in
-one transfer per view size.
+one transfer per view size. The number of random draws per call depends on the (global) batch
+size only, never on the images' sizes, so a sharded global batch (``shard``) draws once for all
+ranks and every sample gets the same views whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +49,14 @@ from torch import Tensor, nn
 from esvit.augment.blur import _blur_, gaussian_kernel1d
 from esvit.augment.blur import blur_kernel_size as blur_kernel_size_fn
 from esvit.augment.color import _gray, _jitter_, jitter_plan
-from esvit.augment.crop import _resize_rois, boxes_to_rois, sample_crop_boxes
+from esvit.augment.crop import (
+    _resize_rois,
+    boxes_to_canvas,
+    boxes_to_rois,
+    crop_boxes_from_draws,
+    draw_crop_boxes,
+)
+from esvit.data.decode import Canvas
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -63,7 +81,11 @@ class ViewParams:
     Attributes:
         kind: ``"global1"``, ``"global2"`` or ``"local"``.
         size: output side length.
-        boxes: ``(b, 4)`` long crop boxes ``(top, left, h, w)`` in input pixels.
+        boxes: ``(b, 4)`` float32 crop boxes ``(top, left, h, w)`` in input (canvas) pixels,
+            what is resampled; fractional when an image was shrunk into its canvas, the
+            integers of ``source_boxes`` shifted by the image's corner otherwise.
+        source_boxes: ``(b, 4)`` long ``(top, left, h, w)`` on the original image's pixel grid:
+            ``RandomResizedCrop.get_params`` on the original's size.
         flip: ``(b,)`` bool, horizontal flip.
         jitter: ``(b,)`` bool, colour jitter applied.
         brightness, contrast, saturation: ``(b,)`` float jitter factors.
@@ -79,6 +101,7 @@ class ViewParams:
     kind: str
     size: int
     boxes: Tensor
+    source_boxes: Tensor
     flip: Tensor
     jitter: Tensor
     brightness: Tensor
@@ -257,33 +280,54 @@ class MultiCropAugmentation(nn.Module):
             return self.global_size, self.global_scale, self.blur_p[1], self.solarize_p
         return self.local_size, self.local_scale, self.blur_p[2], 0.0
 
-    def sample_params(self, b: int, height: int, width: int) -> list[ViewParams]:
+    def sample_params(
+        self,
+        b: int,
+        height: int,
+        width: int,
+        box: Tensor | None = None,
+        source_size: Tensor | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> list[ViewParams]:
         """Draw the random parameters of all views for a batch (advances the generator).
 
         Args:
-            b: batch size.
-            height, width: input image size.
+            b: Batch size (this rank's, with ``shard``).
+            height, width: Input (canvas) size.
+            box: ``(b, 4)`` ``(top, left, h, w)`` of each image in its canvas (default: the
+                whole canvas).
+            source_size: ``(b, 2)`` ``(H, W)`` of each original image, whose pixel grid crop
+                boxes are drawn on (default: the size of ``box``).
+            shard: ``(rank, world_size)``: draw for the global batch of ``b * world_size`` and
+                return rank ``rank``'s rows (see :meth:`forward`).
 
         Returns:
             ``2 + n_local`` ``ViewParams`` (global 1, global 2, then the locals).
         """
+        rank, world = (0, 1) if shard is None else shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard rank {rank} out of range for world size {world}")
+        box, source_size = self._frames(b, height, width, box, source_size)
+        n, lo, hi = b * world, rank * b, (rank + 1) * b
         g = self._generator
         out = []
         for kind in self.view_kinds:
             size, scale, blur_p, sol_p = self._kind_settings(kind)
-            boxes = sample_crop_boxes(height, width, b, scale, self.ratio, generator=g)
-            u = torch.rand((5, b), generator=g)
-            fac = torch.rand((4, b), generator=g)
-            lo = torch.tensor((self.brightness[0], self.contrast[0], self.saturation[0],
-                               self.hue[0])).view(4, 1)
-            hi = torch.tensor((self.brightness[1], self.contrast[1], self.saturation[1],
-                               self.hue[1])).view(4, 1)
-            fac = lo + (hi - lo) * fac
-            order = torch.rand((b, 4), generator=g).argsort(dim=1)
+            draws = draw_crop_boxes(n, scale, self.ratio, generator=g).rows(lo, hi)
+            u = torch.rand((5, n), generator=g)[:, lo:hi]
+            fac = torch.rand((4, n), generator=g)[:, lo:hi]
+            lo_f = torch.tensor((self.brightness[0], self.contrast[0], self.saturation[0],
+                                 self.hue[0])).view(4, 1)
+            hi_f = torch.tensor((self.brightness[1], self.contrast[1], self.saturation[1],
+                                 self.hue[1])).view(4, 1)
+            fac = lo_f + (hi_f - lo_f) * fac
+            order = torch.rand((n, 4), generator=g)[lo:hi].argsort(dim=1)
             s_lo, s_hi = self.blur_sigma
-            sigma = s_lo + (s_hi - s_lo) * torch.rand(b, generator=g)
+            sigma = s_lo + (s_hi - s_lo) * torch.rand(n, generator=g)[lo:hi]
+            source_boxes = crop_boxes_from_draws(draws, source_size[:, 0], source_size[:, 1], self.ratio)
             out.append(ViewParams(
-                kind=kind, size=size, boxes=boxes,
+                kind=kind, size=size, boxes=boxes_to_canvas(source_boxes, box, source_size),
+                source_boxes=source_boxes,
                 flip=u[0] < self.flip_p, jitter=u[1] < self.jitter_p,
                 brightness=fac[0], contrast=fac[1], saturation=fac[2], hue=fac[3],
                 order=order, grayscale=u[2] < self.grayscale_p, blur=u[3] < blur_p,
@@ -291,10 +335,36 @@ class MultiCropAugmentation(nn.Module):
             ))
         return out
 
+    @staticmethod
+    def _frames(b: int, height: int, width: int, box: Tensor | None, source_size: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+        """Checked CPU ``int64`` ``box (b, 4)`` and ``source_size (b, 2)`` (defaults filled in)."""
+        if box is None:
+            box = torch.tensor((0, 0, height, width), dtype=torch.int64).expand(b, 4)
+        box = torch.as_tensor(box).to(device="cpu", dtype=torch.int64)
+        if box.shape != (b, 4):
+            raise ValueError(f"box must have shape ({b}, 4) (top, left, height, width), got {tuple(box.shape)}")
+        top, left, h, w = box.unbind(1)
+        inside = (top >= 0) & (left >= 0) & (h >= 1) & (w >= 1) & (top + h <= height) & (left + w <= width)
+        if not bool(inside.all()):
+            bad = box[~inside][0].tolist()
+            raise ValueError(f"every box (top, left, height, width) must lie in the {height}x{width} canvas "
+                             f"with height, width >= 1, got {bad}")
+        if source_size is None:
+            source_size = box[:, 2:]
+        source_size = torch.as_tensor(source_size).to(device="cpu", dtype=torch.int64)
+        if source_size.shape != (b, 2) or bool((source_size < 1).any()):
+            raise ValueError(f"source_size must be ({b}, 2) (height, width) >= 1, got shape "
+                             f"{tuple(source_size.shape)}, min {int(source_size.min())}")
+        return box, source_size
+
     # ------------------------------------------------------------------ forward
     @staticmethod
-    def check_images(images: Tensor) -> None:
-        """Raise ``TypeError`` / ``ValueError`` unless ``images`` is ``uint8 (b, 3, H, W)``."""
+    def check_images(images: Tensor | Canvas) -> None:
+        """Raise ``TypeError`` / ``ValueError`` unless ``images`` is ``uint8 (b, 3, H, W)`` (or a
+        :class:`~esvit.data.decode.Canvas` batch holding one)."""
+        if isinstance(images, Canvas):
+            images = images.image
         if not isinstance(images, Tensor):
             raise TypeError(f"expected a torch.uint8 tensor of shape (b, 3, H, W), got "
                             f"{type(images).__name__}")
@@ -308,11 +378,14 @@ class MultiCropAugmentation(nn.Module):
         if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
             raise ValueError(f"expected H, W >= {MIN_IMAGE_SIZE}, got {h}x{w}")
 
-    def forward(self, images: Tensor, shard: tuple[int, int] | None = None) -> list[Tensor]:
+    def forward(self, images: Tensor | Canvas, shard: tuple[int, int] | None = None) -> list[Tensor]:
         """Augment a batch.
 
         Args:
-            images: ``uint8`` ``(b, 3, H, W)`` on any device.
+            images: ``uint8`` ``(b, 3, H, W)`` on any device, or a
+                :class:`~esvit.data.decode.Canvas` batch (``image`` ``(b, 3, H, W)``, ``box``
+                ``(b, 4)``, ``source_size`` ``(b, 2)``): crops are then drawn on each original's
+                size and taken from its box. A plain tensor is a canvas every image fills.
             shard: ``(rank, world_size)`` when ``images`` is rank ``rank``'s contiguous block of
                 a global batch of ``b * world_size``: parameters are drawn for the global batch
                 (generators stay in step on every rank) and this rank applies its rows, so the
@@ -325,42 +398,49 @@ class MultiCropAugmentation(nn.Module):
         """
         return self.forward_with_params(images, shard)[0]
 
-    def forward_with_params(self, images: Tensor, shard: tuple[int, int] | None = None
+    def forward_with_params(self, images: Tensor | Canvas, shard: tuple[int, int] | None = None
                             ) -> tuple[list[Tensor], list[ViewParams]]:
         """:meth:`forward`, also returning the parameters of this rank's rows (crop boxes, flips,
         ...) of every view."""
         self.check_images(images)
+        box = source_size = None
+        if isinstance(images, Canvas):
+            images, box, source_size = images
         b, _, h, w = images.shape
-        if shard is None or shard[1] == 1:
-            params = self.sample_params(b, h, w)
-        else:
-            rank, world = shard
-            if not 0 <= rank < world:
-                raise ValueError(f"shard rank {rank} out of range for world size {world}")
-            params = [p.rows(rank * b, (rank + 1) * b) for p in self.sample_params(b * world, h, w)]
+        if shard is not None and shard[1] == 1:
+            shard = None
+        params = self.sample_params(b, h, w, box, source_size, shard)
         return self.apply_params(images, params), params
 
-    def apply_params(self, images: Tensor, params: list[ViewParams]) -> list[Tensor]:
+    def apply_params(self, images: Tensor | Canvas, params: list[ViewParams]) -> list[Tensor]:
         """Apply previously sampled parameters (``sample_params``) to a ``uint8`` batch.
 
         Args:
-            images: ``uint8`` ``(b, 3, H, W)``.
+            images: ``uint8`` ``(b, 3, H, W)`` (or a Canvas batch: its ``image``; the boxes in
+                ``params`` already hold the canvas geometry).
             params: one ``ViewParams`` per view, each for ``b`` samples.
 
         Returns:
             One float32 ``(b, 3, size, size)`` tensor per view, in the order of ``params``.
         """
         self.check_images(images)
+        if isinstance(images, Canvas):
+            images = images.image
         b, _, h, w = images.shape
         for p in params:
             if p.boxes.shape != (b, 4):
                 raise ValueError(f"params were sampled for a batch of {p.boxes.shape[0]}, "
                                  f"images have {b}")
         device = images.device
-        # uint8 -> float32 [0, 1] once; mirrored copies after the originals fold in the flip.
-        source = torch.empty((2 * b, 3, h, w), dtype=torch.float32, device=device)
-        source[:b].copy_(images)
-        source[b:].copy_(images.flip(-1))
+        # uint8 -> float32 [0, 1] once, of the part any crop box reaches (letterboxed canvases
+        # leave the padding out) plus one pixel for the bilinear neighbours: cropping the source
+        # there changes no sample of roi_align.
+        reach = torch.stack([p.boxes[:, :2] + p.boxes[:, 2:] for p in params]).flatten(0, 1).amax(0)
+        h_used = min(h, math.ceil(float(reach[0])) + 1)
+        w_used = min(w, math.ceil(float(reach[1])) + 1)
+        source = torch.empty((b, 3, h_used, w_used), dtype=torch.float32, device=device)
+        # as_strided: one op whatever the extent (indexing a full extent gives an alias instead)
+        source.copy_(images.as_strided((b, 3, h_used, w_used), images.stride(), images.storage_offset()))
         source.mul_(1.0 / 255.0)
 
         outputs: list[Tensor | None] = [None] * len(params)
@@ -368,13 +448,12 @@ class MultiCropAugmentation(nn.Module):
         for i, p in enumerate(params):
             groups.setdefault(p.size, []).append(i)
         for size, members in groups.items():
-            views = self._apply_group(source, [params[i] for i in members], b, w, size)
+            views = self._apply_group(source, [params[i] for i in members], b, size)
             for i, v in zip(members, views, strict=True):
                 outputs[i] = v
         return outputs  # type: ignore[return-value]
 
-    def _apply_group(self, source: Tensor, params: list[ViewParams], b: int, width: int,
-                     size: int) -> list[Tensor]:
+    def _apply_group(self, source: Tensor, params: list[ViewParams], b: int, size: int) -> list[Tensor]:
         """Process all views of one output size as a single batch of ``len(params) * b``."""
         device = source.device
         n_views = len(params)
@@ -383,9 +462,9 @@ class MultiCropAugmentation(nn.Module):
             return torch.cat([getattr(p, name) for p in params], dim=0)
 
         # ---- CPU: per-sample plan for the whole group (view-major sample order)
-        flip = cat("flip")
+        flip_index = torch.nonzero(cat("flip")).flatten()
         batch_index = torch.arange(b).repeat(n_views)
-        rois = boxes_to_rois(cat("boxes"), batch_index, width, flip, b)
+        rois = boxes_to_rois(cat("boxes"), batch_index, source.shape[-1])
         blend, hue6, hue_index = jitter_plan(cat("brightness"), cat("contrast"),
                                              cat("saturation"), cat("hue"), cat("order"),
                                              apply=cat("jitter"))
@@ -404,12 +483,14 @@ class MultiCropAugmentation(nn.Module):
         rois, blend, hue6, weights, sol_thr, norm = (
             t.view(s.shape) for t, s in zip(flat.split([t.numel() for t in floats]), floats,
                                             strict=True))
-        longs = [*hue_index, gray_index, blur_index, sol_index]
+        longs = [flip_index, *hue_index, gray_index, blur_index, sol_index]
         flat_idx = torch.cat(longs).to(device)
-        *hue_index, gray_index, blur_index, sol_index = flat_idx.split([t.numel() for t in longs])
+        flip_index, *hue_index, gray_index, blur_index, sol_index = flat_idx.split([t.numel() for t in longs])
 
-        # ---- crop + resize + flip: one roi_align call
+        # ---- crop + resize: one roi_align call
         x = _resize_rois(source, rois, (size, size))  # (n_views * b, 3, size, size)
+        # ---- flip the selected crops (exact: a permutation of the output pixels)
+        x.index_copy_(0, flip_index, x[flip_index].flip(-1))
         # ---- colour jitter, random order per sample
         _jitter_(x, blend, hue6, list(hue_index))
         # ---- grayscale

@@ -2,7 +2,7 @@
 
 The network *is* a torchvision ``resnet18`` with ``conv1`` and ``maxpool`` replaced, so its
 state_dict has torchvision's keys; :func:`cifar_resnet18_torchvision` builds the matching plain
-torchvision model for export.
+torchvision model for export. It has no stochastic depth (its factory takes no ``drop_path_rate``).
 """
 
 from __future__ import annotations

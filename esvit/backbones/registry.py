@@ -5,6 +5,14 @@ downloaded) and replaces the classifier head by ``nn.Identity``. The returned
 :class:`BackboneSpec` tells :class:`esvit.wrapper.NetWrapper` which layer to hook and how to read
 its output.
 
+**Stochastic depth.** A backbone supports drop-path exactly when its factory declares a keyword
+parameter named ``drop_path_rate`` (:data:`DROP_PATH_KWARG`; a bare ``**kwargs`` does not count):
+the per-block rate then increases linearly from 0 at the first block to ``drop_path_rate`` at the
+last, as in the official Swin and DINO ViT. :func:`supports_drop_path` reads this from the
+signature, so user-registered backbones follow the same contract, and :func:`build_backbone`
+checks the value lies in ``[0, 1)``. Factories without the parameter have no stochastic depth;
+asking them for some is an error (:func:`drop_path_kwargs`).
+
 Each entry may also register a *torchvision equivalent*: a builder for the plain torchvision model
 (classifier also replaced by ``nn.Identity``) into which the backbone's ``state_dict`` loads with
 ``strict=True`` and which gives the same outputs at the native input size. Backbone export uses it
@@ -21,13 +29,19 @@ from torch import nn
 
 __all__ = [
     "BackboneSpec",
+    "DROP_PATH_KWARG",
     "build_backbone",
+    "check_drop_path_rate",
+    "drop_path_kwargs",
     "list_backbones",
     "register_backbone",
+    "supports_drop_path",
     "torchvision_equivalent",
 ]
 
 LAYOUTS = ("bchw", "bhwc", "bnd")
+#: The factory keyword a backbone declares to support stochastic depth (see the module docstring).
+DROP_PATH_KWARG = "drop_path_rate"
 POOLS = ("avg", "cls")
 
 Factory = Callable[..., tuple[nn.Module, "BackboneSpec"]]
@@ -139,23 +153,86 @@ def _check_kwargs(name: str, fn: Callable[..., object], kwargs: dict[str, object
         )
 
 
+def supports_drop_path(name: str) -> bool:
+    """Whether backbone ``name`` has stochastic depth: its factory declares ``drop_path_rate``.
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    param = inspect.signature(_lookup(name)).parameters.get(DROP_PATH_KWARG)
+    return param is not None and param.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    )
+
+
+def check_drop_path_rate(rate: object, what: str = DROP_PATH_KWARG) -> float:
+    """Return ``rate`` as a float after checking it lies in ``[0, 1)``.
+
+    Raises:
+        ValueError: not a number in ``[0, 1)`` (the message names ``what``).
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def drop_path_kwargs(
+    name: str, kwargs: dict[str, object] | None, drop_path_rate: float | None
+) -> dict[str, object]:
+    """Factory kwargs for backbone ``name`` with the student's stochastic-depth rate merged in.
+
+    Args:
+        name: Registry name.
+        kwargs: Other factory options (not modified).
+        drop_path_rate: None keeps the factory's default; 0 on a backbone without stochastic
+            depth is accepted (and passes nothing); > 0 needs :func:`supports_drop_path`.
+
+    Returns:
+        A new dict: ``kwargs`` plus ``drop_path_rate`` where the backbone takes it.
+
+    Raises:
+        ValueError: unknown ``name``, a rate outside ``[0, 1)``, a rate > 0 for a backbone
+            without stochastic depth, or the rate given both here and in ``kwargs``.
+    """
+    out = dict(kwargs or {})
+    if drop_path_rate is None:
+        return out
+    rate = check_drop_path_rate(drop_path_rate)
+    if DROP_PATH_KWARG in out:
+        raise ValueError(
+            f"drop_path_rate given twice for backbone {name!r} (also in its backbone kwargs); give it once"
+        )
+    if supports_drop_path(name):
+        out[DROP_PATH_KWARG] = rate
+    elif rate > 0:
+        raise ValueError(
+            f"drop_path_rate={rate:g} asked for, but backbone {name!r} has no stochastic depth (its "
+            f"factory takes no '{DROP_PATH_KWARG}'); use 0"
+        )
+    return out
+
+
 def build_backbone(name: str, **kwargs: object) -> tuple[nn.Module, BackboneSpec]:
     """Build a registered backbone.
 
     Args:
         name: Registry name (see :func:`list_backbones`).
-        **kwargs: Factory options (e.g. ``image_size``); unknown ones raise ``TypeError``.
+        **kwargs: Factory options (e.g. ``image_size``, ``drop_path_rate`` where
+            :func:`supports_drop_path`); unknown ones raise ``TypeError``.
 
     Returns:
         ``(module, spec)``. ``module`` maps ``(b, 3, h, w)`` images to its (headless) output;
         ``spec`` describes the hooked layer.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the available names).
+        ValueError: unknown ``name`` (the message lists the available names), or a
+            ``drop_path_rate`` outside ``[0, 1)``.
         TypeError: unknown keyword argument for this backbone.
     """
     factory = _lookup(name)
     _check_kwargs(name, factory, kwargs)
+    if DROP_PATH_KWARG in kwargs:
+        check_drop_path_rate(kwargs[DROP_PATH_KWARG], f"backbone {name!r}: {DROP_PATH_KWARG}")
     net, spec = factory(**kwargs)
     if spec.name != name:
         raise RuntimeError(f"factory for {name!r} returned a spec named {spec.name!r}")

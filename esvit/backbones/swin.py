@@ -1,4 +1,8 @@
-"""Small torchvision Swin Transformers for 32-96 px images."""
+"""Small torchvision Swin Transformers for 32-96 px images.
+
+``drop_path_rate`` is torchvision's ``stochastic_depth_prob``: the last block's rate, linear from 0
+over the blocks (the official Swin rule); see :mod:`esvit.backbones.registry`.
+"""
 
 from __future__ import annotations
 
@@ -79,5 +83,5 @@ def swin_nano_torchvision(image_size: int = 32, drop_path_rate: float = 0.0) -> 
 @register_backbone("swin_nano", equivalent=swin_nano_torchvision)
 def swin_nano(image_size: int = 32, drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
     """A very small Swin (patch 2, dim 32, depths 1-1-2, window 4) for CPU benchmarks; hooks
-    ``norm`` -> ``(b, h/8, w/8, 128)``. No stochastic depth by default."""
+    ``norm`` -> ``(b, h/8, w/8, 128)``. No stochastic depth by default (``drop_path_rate`` 0)."""
     return swin_nano_torchvision(image_size, drop_path_rate), _spec("swin_nano", SWIN_NANO)

@@ -1,4 +1,8 @@
-"""Standard torchvision backbones: ResNet-18/50, Swin-T and ViT-B/16 (random init, headless)."""
+"""Standard torchvision backbones: ResNet-18/50, Swin-T/S/B and ViT-B/16 (random init, headless).
+
+The Swins and ViT-B/16 take ``drop_path_rate`` (stochastic depth, see
+:mod:`esvit.backbones.registry`); the ResNets have no stochastic depth and do not take it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from torchvision import models
 from .registry import BackboneSpec, register_backbone
 from .vit import _check_image_size, flexible_vit, torchvision_vit
 
-__all__ = ["resnet18", "resnet50", "swin_t", "vit_b_16"]
+__all__ = ["SWIN_VARIANTS", "resnet18", "resnet50", "swin_b", "swin_s", "swin_t", "vit_b_16"]
 
 
 def _resnet(arch: str) -> nn.Module:
@@ -57,13 +61,25 @@ def resnet50(image_size: int = 224) -> tuple[nn.Module, BackboneSpec]:
     return _resnet("resnet50"), _resnet_spec("resnet50", 2048, "torchvision.models.resnet50")
 
 
-def _swin_t_net(drop_path_rate: float) -> nn.Module:
-    # Same architecture as ``models.swin_t`` (which hardcodes stochastic_depth_prob=0.2).
+# The Swin variants of the official EsViT repository (``experiments/imagenet/swin/*_window7_224.yaml``):
+# name -> (embed_dim, depths, num_heads, official student drop-path rate). torchvision's
+# ``models.swin_t/s/b`` hardcode the supervised recipe's stochastic depth (0.2 / 0.3 / 0.5), so
+# the network is built from ``models.SwinTransformer`` with the same architecture; its per-block
+# rate is linear from 0 to ``stochastic_depth_prob`` over the blocks, like the official Swin's.
+SWIN_VARIANTS: dict[str, tuple[int, list[int], list[int], float]] = {
+    "swin_t": (96, [2, 2, 6, 2], [3, 6, 12, 24], 0.1),
+    "swin_s": (96, [2, 2, 18, 2], [3, 6, 12, 24], 0.2),
+    "swin_b": (128, [2, 2, 18, 2], [4, 8, 16, 32], 0.2),
+}
+
+
+def _swin_net(name: str, drop_path_rate: float) -> nn.Module:
+    dim, depths, heads, _ = SWIN_VARIANTS[name]
     net = models.SwinTransformer(
         patch_size=[4, 4],
-        embed_dim=96,
-        depths=[2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24],
+        embed_dim=dim,
+        depths=depths,
+        num_heads=heads,
         window_size=[7, 7],
         stochastic_depth_prob=drop_path_rate,
     )
@@ -71,42 +87,81 @@ def _swin_t_net(drop_path_rate: float) -> nn.Module:
     return net
 
 
-def _swin_t_equivalent(image_size: int = 224, drop_path_rate: float = 0.2) -> nn.Module:
-    return _swin_t_net(drop_path_rate)
-
-
-@register_backbone("swin_t", equivalent=_swin_t_equivalent)
-def swin_t(image_size: int = 224, drop_path_rate: float = 0.2) -> tuple[nn.Module, BackboneSpec]:
-    """torchvision Swin-T (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 768)``.
-
-    Args:
-        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
-        drop_path_rate: Stochastic depth probability of the last block.
-    """
-    spec = BackboneSpec(
-        name="swin_t",
+def _swin_spec(name: str) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
         layer="norm",
         layout="bhwc",
         num_prefix_tokens=0,
         pool="avg",
-        embed_dim=768,
-        export_ctor="torchvision.models.swin_t",
+        embed_dim=SWIN_VARIANTS[name][0] * 8,
+        export_ctor=f"torchvision.models.{name}",
     )
-    return _swin_t_net(drop_path_rate), spec
 
 
-def _vit_b_16_equivalent(image_size: int = 224) -> nn.Module:
+def _swin_t_equivalent(image_size: int = 224, drop_path_rate: float = 0.1) -> nn.Module:
+    return _swin_net("swin_t", drop_path_rate)
+
+
+@register_backbone("swin_t", equivalent=_swin_t_equivalent)
+def swin_t(image_size: int = 224, drop_path_rate: float = 0.1) -> tuple[nn.Module, BackboneSpec]:
+    """torchvision Swin-T (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 768)``.
+
+    Args:
+        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
+        drop_path_rate: Stochastic depth probability of the last block (linear from 0 over the
+            blocks); default 0.1, the official EsViT Swin-T value
+            (``experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml``).
+    """
+    return _swin_net("swin_t", drop_path_rate), _swin_spec("swin_t")
+
+
+def _swin_s_equivalent(image_size: int = 224, drop_path_rate: float = 0.2) -> nn.Module:
+    return _swin_net("swin_s", drop_path_rate)
+
+
+@register_backbone("swin_s", equivalent=_swin_s_equivalent)
+def swin_s(image_size: int = 224, drop_path_rate: float = 0.2) -> tuple[nn.Module, BackboneSpec]:
+    """torchvision Swin-S (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 768)``.
+
+    Args:
+        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
+        drop_path_rate: Stochastic depth of the last block; default 0.2, the official EsViT
+            Swin-S value (``swin_small_patch4_window7_224.yaml``).
+    """
+    return _swin_net("swin_s", drop_path_rate), _swin_spec("swin_s")
+
+
+def _swin_b_equivalent(image_size: int = 224, drop_path_rate: float = 0.2) -> nn.Module:
+    return _swin_net("swin_b", drop_path_rate)
+
+
+@register_backbone("swin_b", equivalent=_swin_b_equivalent)
+def swin_b(image_size: int = 224, drop_path_rate: float = 0.2) -> tuple[nn.Module, BackboneSpec]:
+    """torchvision Swin-B (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 1024)``.
+
+    Args:
+        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
+        drop_path_rate: Stochastic depth of the last block; default 0.2, the official EsViT
+            Swin-B value (``swin_base_patch4_window7_224.yaml``).
+    """
+    return _swin_net("swin_b", drop_path_rate), _swin_spec("swin_b")
+
+
+def _vit_b_16_equivalent(image_size: int = 224, drop_path_rate: float = 0.0) -> nn.Module:
     _check_image_size(image_size, 16)
-    return torchvision_vit(image_size, 16, 12, 12, 768, 3072)
+    return torchvision_vit(image_size, 16, 12, 12, 768, 3072)  # no stochastic depth in eval
 
 
 @register_backbone("vit_b_16", equivalent=_vit_b_16_equivalent)
-def vit_b_16(image_size: int = 224) -> tuple[nn.Module, BackboneSpec]:
+def vit_b_16(image_size: int = 224, drop_path_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
     """ViT-B/16 with torchvision's structure and flexible input size; hooks ``encoder``.
 
     Args:
         image_size: Native size of the position-embedding grid (any multiple of 16 works at
             run time by interpolation).
+        drop_path_rate: Stochastic depth of the last block (linear from 0, as in DINO's ViT;
+            the official EsViT / DINO students use 0.1, set by ``model.drop_path_rate``).
     """
-    net, spec = flexible_vit("vit_b_16", image_size, 16, 12, 12, 768, 3072)
+    net, spec = flexible_vit("vit_b_16", image_size, 16, 12, 12, 768, 3072, drop_path_rate)
     return net, replace(spec, export_ctor="torchvision.models.vit_b_16")

@@ -6,6 +6,12 @@ interpolating the patch position embeddings (class-token embedding kept as is, l
 ``interpolate_pos_encoding``). It adds no parameters or buffers, so its ``state_dict`` has exactly
 torchvision's keys and loads into ``torchvision.models.VisionTransformer`` with the same
 hyper-parameters; at the native size both compute the same function.
+
+Stochastic depth (``drop_path_rate``) follows the official EsViT / DINO ViT: block ``i`` of ``L``
+drops its attention and MLP residual branches per sample with probability
+``drop_path_rate * i / (L - 1)`` (``torch.linspace(0, drop_path_rate, L)``) and rescales the kept
+ones by ``1 / (1 - p)``. It adds no parameters, so state dicts are unchanged, and it is the
+identity in eval mode or at rate 0.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
-from torchvision.models.vision_transformer import Encoder
+from torchvision.models.vision_transformer import Encoder, EncoderBlock
+from torchvision.ops import StochasticDepth
 
 from .registry import BackboneSpec, register_backbone
 
 __all__ = [
+    "DropPathEncoderBlock",
     "FlexibleEncoder",
     "FlexibleVisionTransformer",
     "interpolate_pos_embedding",
@@ -55,6 +63,48 @@ def interpolate_pos_embedding(
     grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
     patch = grid.to(pos_embedding.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, d)
     return torch.cat([prefix, patch], dim=1)
+
+
+class DropPathEncoderBlock(EncoderBlock):
+    """torchvision ``EncoderBlock`` with per-sample stochastic depth on both residual branches.
+
+    Same parameters and state_dict keys as ``EncoderBlock``; ``stochastic_depth`` (a parameterless
+    ``torchvision.ops.StochasticDepth(p, "row")``) is applied to the attention and the MLP branch
+    before each residual sum, as DINO's ``Block`` applies its ``DropPath``. At ``p = 0`` or in eval
+    mode it computes exactly what ``EncoderBlock`` computes.
+    """
+
+    stochastic_depth: StochasticDepth
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Args: input: ``(b, n, d)`` tokens. Returns: ``(b, n, d)`` tokens."""
+        if input.dim() != 3:
+            raise ValueError(f"expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.stochastic_depth(self.dropout(x)) + input
+        y = self.mlp(self.ln_2(x))
+        return x + self.stochastic_depth(y)
+
+
+def set_drop_path_rate(encoder: Encoder, drop_path_rate: float) -> None:
+    """Give the blocks of ``encoder`` stochastic depth, linearly increasing from 0 to the rate.
+
+    Swaps each ``EncoderBlock`` to :class:`DropPathEncoderBlock` in place (no new state).
+
+    Args:
+        encoder: A torchvision ViT ``Encoder`` (``encoder.layers`` holds the blocks).
+        drop_path_rate: Rate of the last block, in ``[0, 1)``.
+    """
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    blocks = list(encoder.layers)
+    rates = torch.linspace(0, drop_path_rate, len(blocks)).tolist()
+    for block, rate in zip(blocks, rates, strict=True):
+        if not isinstance(block, EncoderBlock):
+            raise TypeError(f"expected torchvision EncoderBlocks, got {type(block).__name__}")
+        block.__class__ = DropPathEncoderBlock
+        block.stochastic_depth = StochasticDepth(rate, "row")
 
 
 class FlexibleEncoder(Encoder):
@@ -98,13 +148,17 @@ class FlexibleVisionTransformer(VisionTransformer):
     Constructor arguments are those of ``torchvision.models.VisionTransformer``; ``image_size``
     fixes the native position-embedding grid. ``forward`` returns ``self.heads(cls_token)`` like
     torchvision; the full token sequence ``(b, 1 + n, d)`` is the output of ``self.encoder``.
+    The extra keyword ``drop_path_rate`` (default 0) sets the stochastic depth of the blocks
+    (:func:`set_drop_path_rate`).
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, drop_path_rate: float = 0.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         # Same state as torchvision's Encoder; only forward differs, so swap the class in place
         # (avoids re-initialising the encoder and keeps torchvision's init and RNG use).
         self.encoder.__class__ = FlexibleEncoder
+        self.drop_path_rate = float(drop_path_rate)
+        set_drop_path_rate(self.encoder, self.drop_path_rate)
 
     def _process_input(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -151,6 +205,7 @@ def _vit(
     num_heads: int,
     dim: int,
     mlp_dim: int,
+    **extra: float,
 ) -> VisionTransformer:
     _check_image_size(image_size, patch_size)
     net = cls(
@@ -160,6 +215,7 @@ def _vit(
         num_heads=num_heads,
         hidden_dim=dim,
         mlp_dim=mlp_dim,
+        **extra,
     )
     net.heads = nn.Identity()
     return net
@@ -173,10 +229,15 @@ def torchvision_vit(
 
 
 def flexible_vit(
-    name: str, image_size: int, patch_size: int, depth: int, num_heads: int, dim: int, mlp_dim: int
+    name: str, image_size: int, patch_size: int, depth: int, num_heads: int, dim: int, mlp_dim: int,
+    drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, BackboneSpec]:
-    """Build a :class:`FlexibleVisionTransformer` (heads = Identity) and its spec."""
-    net = _vit(FlexibleVisionTransformer, image_size, patch_size, depth, num_heads, dim, mlp_dim)
+    """Build a :class:`FlexibleVisionTransformer` (heads = Identity) and its spec.
+
+    ``drop_path_rate`` is the stochastic depth of the last block (linear from 0; official 0.1).
+    """
+    net = _vit(FlexibleVisionTransformer, image_size, patch_size, depth, num_heads, dim, mlp_dim,
+               drop_path_rate=drop_path_rate)
     spec = BackboneSpec(
         name=name,
         layer="encoder",
@@ -194,22 +255,30 @@ def _check_depth(depth: int) -> None:
         raise ValueError(f"depth must be in [1, 24] (6-12 for the standard ViT-tiny/small), got {depth}")
 
 
-def _vit_tiny_equivalent(image_size: int = 32, depth: int = 12, patch_size: int = 4) -> nn.Module:
+# The ViT factories take ``drop_path_rate`` (stochastic depth of the last block, default 0: the
+# shipped CIFAR recipes were measured without it; the official ImageNet students use 0.1). Their
+# torchvision equivalents accept it too (they are called with the same kwargs) and ignore it:
+# stochastic depth only acts in training, so the function computed in eval mode is the same.
+
+
+def _vit_tiny_equivalent(
+    image_size: int = 32, depth: int = 12, patch_size: int = 4, drop_path_rate: float = 0.0
+) -> nn.Module:
     _check_depth(depth)
     return torchvision_vit(image_size, patch_size, depth, 3, 192, 768)
 
 
 @register_backbone("vit_tiny", equivalent=_vit_tiny_equivalent)
 def vit_tiny(
-    image_size: int = 32, depth: int = 12, patch_size: int = 4
+    image_size: int = 32, depth: int = 12, patch_size: int = 4, drop_path_rate: float = 0.0
 ) -> tuple[nn.Module, BackboneSpec]:
     """ViT-Tiny for small images: patch 4, dim 192, 3 heads, MLP 768, ``depth`` in [1, 24] (6-12 standard)."""
     _check_depth(depth)
-    return flexible_vit("vit_tiny", image_size, patch_size, depth, 3, 192, 768)
+    return flexible_vit("vit_tiny", image_size, patch_size, depth, 3, 192, 768, drop_path_rate)
 
 
 def _vit_small_cifar_equivalent(
-    image_size: int = 32, depth: int = 12, patch_size: int = 4
+    image_size: int = 32, depth: int = 12, patch_size: int = 4, drop_path_rate: float = 0.0
 ) -> nn.Module:
     _check_depth(depth)
     return torchvision_vit(image_size, patch_size, depth, 6, 384, 1536)
@@ -217,23 +286,39 @@ def _vit_small_cifar_equivalent(
 
 @register_backbone("vit_small_cifar", equivalent=_vit_small_cifar_equivalent)
 def vit_small_cifar(
-    image_size: int = 32, depth: int = 12, patch_size: int = 4
+    image_size: int = 32, depth: int = 12, patch_size: int = 4, drop_path_rate: float = 0.0
 ) -> tuple[nn.Module, BackboneSpec]:
     """ViT-Small for small images: patch 4, dim 384, 6 heads, MLP 1536, ``depth`` in [1, 24] (6-12 standard)."""
     _check_depth(depth)
-    return flexible_vit("vit_small_cifar", image_size, patch_size, depth, 6, 384, 1536)
+    return flexible_vit("vit_small_cifar", image_size, patch_size, depth, 6, 384, 1536, drop_path_rate)
 
 
-def _vit_nano_equivalent(image_size: int = 32, depth: int = 2, patch_size: int = 8) -> nn.Module:
+def _vit_nano_equivalent(
+    image_size: int = 32, depth: int = 2, patch_size: int = 8, drop_path_rate: float = 0.0
+) -> nn.Module:
     _check_depth(depth)
     return torchvision_vit(image_size, patch_size, depth, 2, 64, 128)
 
 
 @register_backbone("vit_nano", equivalent=_vit_nano_equivalent)
 def vit_nano(
-    image_size: int = 32, depth: int = 2, patch_size: int = 8
+    image_size: int = 32, depth: int = 2, patch_size: int = 8, drop_path_rate: float = 0.0
 ) -> tuple[nn.Module, BackboneSpec]:
     """A very small ViT (patch 8, dim 64, 2 heads, MLP 128): smoke tests, debug runs and the
     CPU-budget CIFAR-10 quality benchmark (`configs/cifar10_vit_nano.yaml`)."""
     _check_depth(depth)
-    return flexible_vit("vit_nano", image_size, patch_size, depth, 2, 64, 128)
+    return flexible_vit("vit_nano", image_size, patch_size, depth, 2, 64, 128, drop_path_rate)
+
+
+def _vit_small_equivalent(image_size: int = 224, patch_size: int = 16, drop_path_rate: float = 0.1) -> nn.Module:
+    return torchvision_vit(image_size, patch_size, 12, 6, 384, 1536)
+
+
+@register_backbone("vit_small", equivalent=_vit_small_equivalent)
+def vit_small(
+    image_size: int = 224, patch_size: int = 16, drop_path_rate: float = 0.1
+) -> tuple[nn.Module, BackboneSpec]:
+    """ViT-S/16 (DeiT-S): patch 16, dim 384, depth 12, 6 heads, MLP 1536, CLS pooling; the
+    official EsViT / DINO ``deit_small``. ``drop_path_rate`` defaults to 0.1, the official
+    student's stochastic depth (``main_esvit.py``)."""
+    return flexible_vit("vit_small", image_size, patch_size, 12, 6, 384, 1536, drop_path_rate)

@@ -1,7 +1,8 @@
-"""Shared CLI helpers: logging set-up and one-line error reporting."""
+"""Shared CLI helpers: logging set-up, one-line error reporting, evaluation preprocessing."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -24,3 +25,20 @@ def run_cli(main: Callable[[], int | None], known_errors: tuple[type[BaseExcepti
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def add_preprocess_arg(p: argparse.ArgumentParser) -> None:
+    """Add ``--preprocess {auto,dino,resize}`` (the evaluation preprocessing protocol)."""
+    p.add_argument(
+        "--preprocess", default="auto", choices=("auto", "dino", "resize"),
+        help="dino: short side to image-size/0.875 (256 for 224, bicubic), centre crop "
+             "image-size (DINO/EsViT eval); resize: short side to --canvas-size, centre square, "
+             "resized to image-size; auto (default): dino when the images are larger than "
+             "image-size (resize when --canvas-size is given)")
+
+
+def describe_preprocess(record: dict) -> str:
+    """One line naming the protocol of a results ``"preprocess"`` record."""
+    from esvit.eval.features import EvalPreprocess
+
+    return EvalPreprocess.from_record(record).describe()

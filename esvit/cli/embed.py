@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from esvit.cli.common import add_preprocess_arg
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed a folder (recursive, sorted) or list file of images; resumable shards.",
     )
     add_backbone_args(p)
+    add_preprocess_arg(p)
     p.add_argument("--input", required=True,
                    help="image folder, or a text file with one image path per line (path<TAB>label)")
     p.add_argument("--out", required=True, help="output folder")
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    from esvit.cli.common import run_cli, setup_logging
+    from esvit.cli.common import describe_preprocess, run_cli, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -44,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.input, args.out, regions=args.regions,
             batch_size=args.batch_size, dtype=args.dtype, format=args.format,
             shard_size=args.shard_size, merge=not args.no_merge, overwrite=args.overwrite,
-            **backbone_kwargs(args),
+            preprocess=args.preprocess, **backbone_kwargs(args),
         )
         where = res.embeddings or f"{len(res.shards)} shard(s) in {res.out_dir}"
         print(f"embedded {res.num_images} images (dim {res.dim}) -> {where}; paths: {res.csv}")
+        print(f"preprocessing: {describe_preprocess(res.preprocess)}")
         if res.num_bad:
             print(f"skipped {res.num_bad} unreadable image(s): see {res.bad_files}")
         return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from esvit.cli.common import add_preprocess_arg
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="esvit-knn",
                                 description="Weighted kNN (DINO protocol) on frozen features.")
     add_backbone_args(p)
+    add_preprocess_arg(p)
     add_split_args(p)
     p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07)
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    from esvit.cli.common import run_cli, setup_logging
+    from esvit.cli.common import describe_preprocess, run_cli, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -47,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         res = knn_eval(args.checkpoint, args.train, args.val, val_split=args.val_split,
                        ks=tuple(args.ks), temperature=args.temperature,
                        batch_size=args.batch_size, output_dir=out_dir,
-                       cache=not args.no_cache, **backbone_kwargs(args))
+                       cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args))
         for k, acc in res["knn"].items():
             top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
             print(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}")
+        print(f"preprocessing: {describe_preprocess(res['preprocess'])}")
         print(f"results: {Path(out_dir) / 'knn_results.json'}")
         return 0
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from esvit.cli.common import add_preprocess_arg
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
 from esvit.cli.knn import add_split_args
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Linear evaluation: frozen backbone, cached features, L-BFGS or SGD classifier.",
     )
     add_backbone_args(p)
+    add_preprocess_arg(p)
     add_split_args(p)
     p.add_argument("--mode", default="none", choices=("none", "flip", "augment"),
                    help="none/flip: cached features (flip caches flipped images too); augment: "
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    from esvit.cli.common import run_cli, setup_logging
+    from esvit.cli.common import describe_preprocess, run_cli, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -52,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.train, args.val, val_split=args.val_split, output_dir=out_dir,
             mode=args.mode, solver=args.solver, norm=args.norm, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, l2=args.l2, max_iter=args.max_iter, seed=args.seed,
-            cache=not args.no_cache, **backbone_kwargs(args),
+            cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args),
         )
         for split in ("train", "val"):
             acc = res[split]
             top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
             print(f"{split:>5}  top-1 {acc['top1']:6.2f}%{top5}  ({res['n_' + split]} images)")
+        print(f"preprocessing: {describe_preprocess(res['preprocess'])}")
         print(f"results: {Path(out_dir) / 'linear_results.json'}")
         return 0
 

@@ -1,9 +1,11 @@
 """Data layer: workers decode images to a fixed ``uint8`` canvas; augmentation happens later.
 
-Every dataset yields ``(image uint8 (3, S, S), label int, SampleStatus(ok, index, error))``
-(see :mod:`esvit.data.folder`); :class:`BadImageCounter` does the run-wide bad-file accounting
-in the main process, and :func:`build_loader` gives a loader whose order is a pure function of
-``(seed, epoch)``.
+Every dataset yields ``(image, label int, SampleStatus(ok, index, error))`` (see
+:mod:`esvit.data.folder`): the image is a ``uint8 (3, S, S)`` square, or for training
+(``resize_mode="letterbox"``) a :class:`Canvas`: the whole image letterboxed into the square,
+with its box and original size, so that crops are drawn over the whole photo.
+:class:`BadImageCounter` does the run-wide bad-file accounting in the main process, and
+:func:`build_loader` gives a loader whose order is a pure function of ``(seed, epoch)``.
 """
 
 from esvit.data.datasets import (
@@ -15,7 +17,16 @@ from esvit.data.datasets import (
     build_loader,
     worker_init_fn,
 )
-from esvit.data.decode import RESIZE_MODES, BadImageError, load_image, resize_to_canvas, to_rgb
+from esvit.data.decode import (
+    RESIZE_MODES,
+    BadImageError,
+    Canvas,
+    load_canvas,
+    load_image,
+    resize_to_canvas,
+    to_canvas,
+    to_rgb,
+)
 from esvit.data.folder import (
     IMG_EXTENSIONS,
     BadImageCounter,
@@ -38,6 +49,7 @@ __all__ = [
     "ArrayImageDataset",
     "BadImageCounter",
     "BadImageError",
+    "Canvas",
     "EpochDataLoader",
     "EpochSampler",
     "ImageFolderDataset",
@@ -46,11 +58,13 @@ __all__ = [
     "SyntheticImageDataset",
     "build_dataset",
     "build_loader",
+    "load_canvas",
     "load_image",
     "read_image_list",
     "render_synthetic_image",
     "resize_to_canvas",
     "scan_image_folder",
+    "to_canvas",
     "to_rgb",
     "worker_init_fn",
     "write_synthetic_image_folder",

@@ -1,7 +1,8 @@
 """Dataset factory (folder, synthetic, CIFAR / STL through torchvision) and the training loader.
 
-Every dataset yields ``(image uint8 (3, S, S), label int, SampleStatus)`` (see
-:mod:`esvit.data.folder`). The loader's order is a pure function of ``(seed, epoch)``::
+Every dataset yields ``(image, label int, SampleStatus)``, the image a ``uint8 (3, S, S)`` square
+or, with ``resize_mode="letterbox"`` (the training path), a :class:`~esvit.data.decode.Canvas`
+(see :mod:`esvit.data.folder`). The loader's order is a pure function of ``(seed, epoch)``::
 
     loader = build_loader(ds, batch_size, num_workers, shuffle=True, seed=seed, drop_last=True)
     for epoch in range(start_epoch, epochs):
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from esvit.data.decode import check_canvas_args, resize_to_canvas, to_chw_tensor
+from esvit.data.decode import Canvas, check_canvas_args, resize_to_canvas, to_canvas, to_chw_tensor
 from esvit.data.folder import IMG_EXTENSIONS, ImageFolderDataset, SampleStatus
 from esvit.data.synthetic import SyntheticImageDataset
 
@@ -65,9 +66,11 @@ class ArrayImageDataset(Dataset):
         labels: ``(N,)`` ints (-1 for unlabeled samples).
         classes: Class names.
         canvas_size: Output side ``S``; images of another size are resized like files
-            (:func:`esvit.data.decode.resize_to_canvas`).
+            (:func:`esvit.data.decode.resize_to_canvas`, or for ``"letterbox"``
+            :func:`esvit.data.decode.to_canvas`: shrunk to fit when larger, never enlarged).
         layout: ``"nhwc"`` or ``"nchw"``.
-        resize_mode: ``"short_side_center_crop"`` or ``"stretch"``.
+        resize_mode: ``"short_side_center_crop"``, ``"stretch"`` or ``"letterbox"`` (items
+            carry a :class:`~esvit.data.decode.Canvas`).
     """
 
     def __init__(
@@ -99,7 +102,7 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, SampleStatus]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Canvas, int, SampleStatus]:
         i = int(index)
         if i < 0:
             i += len(self)
@@ -109,7 +112,9 @@ class ArrayImageDataset(Dataset):
         if self.layout == "nchw":
             arr = arr.transpose(1, 2, 0)
         s = self.canvas_size
-        if arr.shape[:2] == (s, s):
+        if self.resize_mode == "letterbox":
+            img: torch.Tensor | Canvas = to_canvas(arr, s)
+        elif arr.shape[:2] == (s, s):
             img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
         else:
             img = to_chw_tensor(resize_to_canvas(Image.fromarray(np.ascontiguousarray(arr)), s, self.resize_mode))
@@ -151,7 +156,11 @@ def build_dataset(
     seed: int = 0,
     split: str | None = None,
 ) -> Dataset:
-    """Build a dataset yielding ``(image uint8 (3, S, S), label int, SampleStatus)``.
+    """Build a dataset yielding ``(image, label int, SampleStatus)``.
+
+    The image is ``uint8 (3, S, S)``, or a :class:`~esvit.data.decode.Canvas` when
+    ``resize_mode="letterbox"`` (every kind supports it; square images that already have the
+    canvas size give ``box`` = the whole canvas).
 
     Keyword options that do not apply to ``kind`` are ignored, so one call site can pass the
     whole data config.
@@ -166,7 +175,7 @@ def build_dataset(
             their native 32 / 96).
         train: Training split (torchvision kinds; ``synthetic`` uses ``seed + 1`` when False).
         max_bad_fraction: ``folder`` only (see :class:`ImageFolderDataset`).
-        resize_mode: ``"short_side_center_crop"`` or ``"stretch"``.
+        resize_mode: ``"short_side_center_crop"``, ``"stretch"`` or ``"letterbox"``.
         extensions: ``folder`` only.
         synthetic_images: ``synthetic`` only: number of images.
         synthetic_classes: ``synthetic`` only: number of classes.
@@ -183,7 +192,7 @@ def build_dataset(
         raise ValueError(f"unknown dataset kind {kind!r}: expected one of {DATASET_KINDS}")
     if kind == "synthetic":
         return SyntheticImageDataset(synthetic_images, canvas_size, synthetic_classes,
-                                     seed=seed if train else seed + 1)
+                                     seed=seed if train else seed + 1, resize_mode=resize_mode)
     if root is None or not os.fspath(root).strip():
         hint = "an image folder or a .txt/.csv list" if kind == "folder" else "the torchvision root folder"
         raise ValueError(f"dataset kind {kind!r} needs a root path (data.path): {hint}")

@@ -3,7 +3,10 @@
 Item format shared by every dataset in :mod:`esvit.data`::
 
     image, label, status = dataset[i]
-    image:  torch.uint8 (3, S, S), contiguous
+    image:  torch.uint8 (3, S, S), contiguous (resize_mode "short_side_center_crop" / "stretch"),
+            or with resize_mode "letterbox" (training) a Canvas(image uint8 (3, S, S),
+            box int64 (4,), source_size int64 (2,)): the whole image letterboxed, and where
+            it lies (see esvit.data.decode.Canvas)
     label:  int, class index in [0, len(classes)); -1 when the data set is unlabeled
     status: SampleStatus(ok: bool, index: int, error: str)
 
@@ -11,7 +14,9 @@ Item format shared by every dataset in :mod:`esvit.data`::
 ``status.error`` says why, and ``image``/``label`` come from a deterministic substitute: the next
 index (cyclically) that decodes, or a black canvas with label -1 if none of the next
 ``max_substitute_tries`` do. Batches therefore keep their shape, and ``default_collate`` turns a
-batch into ``(uint8 (B, 3, S, S), int64 (B,), SampleStatus(bool (B,), int64 (B,), list[str]))``.
+batch into ``(uint8 (B, 3, S, S), int64 (B,), SampleStatus(bool (B,), int64 (B,), list[str]))``
+(the first element a ``Canvas`` of ``(B, 3, S, S)``, ``(B, 4)``, ``(B, 2)`` tensors when
+letterboxed).
 
 DataLoader workers are separate processes, so the dataset cannot count bad files for the whole
 run; the main process does, from the statuses it receives::
@@ -35,7 +40,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from esvit.data.decode import BadImageError, check_canvas_args, load_image
+from esvit.data.decode import (
+    BadImageError,
+    Canvas,
+    blank_canvas,
+    check_canvas_args,
+    load_canvas,
+    load_image,
+)
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -302,8 +314,9 @@ class PathTable(Sequence[str]):
 class ImageFolderDataset(Dataset):
     """Images of a folder (or list file) decoded to a square ``uint8`` canvas.
 
-    Workers only decode and resize (:func:`esvit.data.decode.load_image`); items follow the
-    module-level format ``(image uint8 (3, S, S), label int, SampleStatus)``. A file that fails
+    Workers only decode and resize (:func:`esvit.data.decode.load_image`, or
+    :func:`esvit.data.decode.load_canvas` for ``resize_mode="letterbox"``); items follow the
+    module-level format ``(image uint8 (3, S, S) or Canvas, label int, SampleStatus)``. A file that fails
     to decode never raises: the item is flagged (``status.ok`` False) and carries a
     deterministic substitute, and the index is added to :attr:`bad_indices` of the process that
     decoded it. Run-wide accounting against ``max_bad_fraction`` is :class:`BadImageCounter`'s
@@ -313,7 +326,8 @@ class ImageFolderDataset(Dataset):
         root_or_list: Image folder or ``.txt``/``.csv`` list file (:func:`scan_image_folder`).
         canvas_size: Canvas side ``S``.
         max_bad_fraction: Tolerated fraction of bad samples, for :meth:`bad_counter`.
-        resize_mode: ``"short_side_center_crop"`` or ``"stretch"``.
+        resize_mode: ``"short_side_center_crop"``, ``"stretch"`` or ``"letterbox"`` (items
+            carry a :class:`~esvit.data.decode.Canvas`; a substitute carries its own box).
         extensions: Accepted suffixes when scanning a folder.
         max_substitute_tries: How many following indices to try as a substitute.
 
@@ -355,14 +369,16 @@ class ImageFolderDataset(Dataset):
     def _label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
 
-    def _try_load(self, index: int) -> tuple[torch.Tensor | None, str]:
+    def _try_load(self, index: int) -> tuple[torch.Tensor | Canvas | None, str]:
         try:
+            if self.resize_mode == "letterbox":
+                return load_canvas(self.paths[index], self.canvas_size), ""
             return load_image(self.paths[index], self.canvas_size, self.resize_mode), ""
         except BadImageError as e:
             self.bad_indices.add(index)
             return None, e.reason
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, SampleStatus]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Canvas, int, SampleStatus]:
         n = len(self)
         i = operator.index(index)
         if i < 0:
@@ -378,8 +394,8 @@ class ImageFolderDataset(Dataset):
             sub, _ = self._try_load(j)
             if sub is not None:
                 return sub, self._label(j), SampleStatus(False, i, error)
-        blank = torch.zeros(3, self.canvas_size, self.canvas_size, dtype=torch.uint8)
-        return blank, -1, SampleStatus(False, i, error)
+        blank = blank_canvas(self.canvas_size)
+        return (blank if self.resize_mode == "letterbox" else blank.image), -1, SampleStatus(False, i, error)
 
     def bad_counter(self, min_samples: int = 100) -> BadImageCounter:
         """A :class:`BadImageCounter` with this dataset's limit and paths."""

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from esvit.data.decode import check_canvas_args
+from esvit.data.decode import Canvas, check_canvas_args
 from esvit.data.folder import SampleStatus
 
 __all__ = ["SyntheticImageDataset", "render_synthetic_image", "write_synthetic_image_folder"]
@@ -71,7 +71,9 @@ def render_synthetic_image(index: int, label: int, num_classes: int, size: int, 
 
 
 class SyntheticImageDataset(Dataset):
-    """Generated images in the common item format ``(uint8 (3, S, S), label, SampleStatus)``.
+    """Generated images in the common item format ``(uint8 (3, S, S), label, SampleStatus)``
+    (with ``resize_mode="letterbox"`` a :class:`~esvit.data.decode.Canvas` that the square
+    rendering fills: ``box`` = the whole canvas, ``source_size`` = ``(S, S)``).
 
     Item ``i`` has label ``i % num_classes`` and is a pure function of ``(seed, i)``, whatever
     process generates it. ``status.ok`` is always True.
@@ -81,10 +83,13 @@ class SyntheticImageDataset(Dataset):
         canvas_size: Side ``S``.
         num_classes: Number of classes (``>= 1``).
         seed: Changes every image (use another seed for a disjoint validation set).
+        resize_mode: ``"letterbox"`` for :class:`~esvit.data.decode.Canvas` items; the square
+            modes give plain tensors (identical for a square rendering).
     """
 
-    def __init__(self, n: int, canvas_size: int, num_classes: int = 10, seed: int = 0) -> None:
-        check_canvas_args(canvas_size, "stretch")
+    def __init__(self, n: int, canvas_size: int, num_classes: int = 10, seed: int = 0,
+                 resize_mode: str = "stretch") -> None:
+        check_canvas_args(canvas_size, resize_mode)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n!r}")
         if num_classes < 1:
@@ -93,6 +98,7 @@ class SyntheticImageDataset(Dataset):
         self.canvas_size = canvas_size
         self.num_classes = int(num_classes)
         self.seed = int(seed)
+        self.resize_mode = resize_mode
         self.labels = np.arange(self.n, dtype=np.int64) % self.num_classes
         width = len(str(self.num_classes - 1))
         self.classes = [f"class_{c:0{width}d}" for c in range(self.num_classes)]
@@ -100,7 +106,7 @@ class SyntheticImageDataset(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, SampleStatus]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Canvas, int, SampleStatus]:
         i = int(index)
         if i < 0:
             i += self.n
@@ -109,6 +115,8 @@ class SyntheticImageDataset(Dataset):
         label = int(self.labels[i])
         arr = render_synthetic_image(i, label, self.num_classes, self.canvas_size, self.seed)
         img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        if self.resize_mode == "letterbox":
+            return Canvas.full(img), label, SampleStatus(True, i, "")
         return img, label, SampleStatus(True, i, "")
 
 

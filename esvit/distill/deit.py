@@ -126,11 +126,13 @@ def deit_from_vit(vit: VisionTransformer, num_classes: int) -> DeiTVisionTransfo
 
     Returns:
         :class:`DeiTVisionTransformer` whose encoder, patch embedding and class token are
-        copies of ``vit``'s; heads and distillation token freshly initialised.
+        copies of ``vit``'s, with its stochastic depth (``drop_path_rate``); heads and
+        distillation token freshly initialised.
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"a DeiT student needs a VisionTransformer backbone, got {type(vit).__name__}")
-    model = DeiTVisionTransformer(**vit_hyperparameters(vit), num_classes=num_classes)
+    model = DeiTVisionTransformer(**vit_hyperparameters(vit), num_classes=num_classes,
+                                  drop_path_rate=getattr(vit, "drop_path_rate", 0.0))
     state = {k: v for k, v in vit.state_dict().items() if not k.startswith("heads.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     extra = [k for k in missing if not (k.startswith(("heads.", _DEIT_HEAD_PREFIX)) or k in _DEIT_ONLY_KEYS)]

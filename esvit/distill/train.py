@@ -53,6 +53,7 @@ from esvit.schedules import warmup_cosine
 from esvit.train import checkpoint as ckpt
 from esvit.train.distributed import DistInfo, all_true, barrier, gather_rng_states, init_distributed
 from esvit.train.logger import MetricLogger
+from esvit.train.optim import clip_gradients
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -855,8 +856,8 @@ def distill(cfg: DistillConfig, resume: str | None = None, max_steps: int | None
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 if scaler is not None:
                     scaler.unscale_(opt)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), o.clip_grad)
-                             if o.clip_grad > 0 else None)
+                # one global norm, as DeiT clips (timm NativeScaler: clip_grad_norm_)
+                grad_norm = clip_gradients(student.parameters(), o.clip_grad, "global")
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()

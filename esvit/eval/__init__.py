@@ -1,11 +1,15 @@
 """Evaluation: kNN, linear probes and feature extraction.
 
 ``esvit.eval.knn(...)`` (the callable :mod:`esvit.eval.knn` module) runs :func:`knn_eval`;
-``esvit.eval.linear_probe(...)`` trains and evaluates a linear classifier.
+``esvit.eval.linear_probe(...)`` trains and evaluates a linear classifier. Images are prepared by
+an :class:`~esvit.eval.features.EvalPreprocess` protocol (``preprocess="auto"|"dino"|"resize"``,
+see :func:`~esvit.eval.features.resolve_preprocess`), recorded in every results file.
 """
 
 from esvit.eval.features import (
     FEATURE_MODES,
+    PREPROCESS_MODES,
+    EvalPreprocess,
     FeatureEncoder,
     LabeledImages,
     extract_features,
@@ -14,6 +18,7 @@ from esvit.eval.features import (
     preprocess,
     register_last_n,
     resolve_eval_model,
+    resolve_preprocess,
 )
 from esvit.eval.knn import knn_accuracies, knn_accuracy, knn_eval, knn_neighbors, knn_predict
 from esvit.eval.linear import (
@@ -25,6 +30,8 @@ from esvit.eval.linear import (
 
 __all__ = [
     "FEATURE_MODES",
+    "PREPROCESS_MODES",
+    "EvalPreprocess",
     "FeatureEncoder",
     "LabeledImages",
     "LinearClassifier",
@@ -40,6 +47,7 @@ __all__ = [
     "preprocess",
     "register_last_n",
     "resolve_eval_model",
+    "resolve_preprocess",
     "train_linear_lbfgs",
     "train_linear_sgd",
 ]

@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,204 @@ def preprocess(
     if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return normalize(x, mean, std)
+
+
+# --------------------------------------------------------------------------- preprocessing protocols
+
+PREPROCESS_MODES = ("auto", "dino", "resize")
+DINO_CROP_FRACTION = 0.875  # DINO / EsViT evaluation: Resize(256) + CenterCrop(224)
+AUTO_PROBE_IMAGES = 64  # images whose headers ``auto`` reads
+
+
+def dino_resize_size(image_size: int) -> int:
+    """Short side of the DINO evaluation resize: ``round(image_size / 0.875)`` (224 -> 256)."""
+    return int(round(image_size / DINO_CROP_FRACTION))
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """Centre ``size x size`` crop of ``(..., H, W)`` images (offsets rounded as torchvision's).
+
+    Args:
+        images: ``(..., H, W)`` with ``H, W >= size``.
+        size: Output side.
+
+    Returns:
+        ``(..., size, size)`` view of ``images``.
+    """
+    h, w = images.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot centre-crop {size} px from {h}x{w} images")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
+
+
+def image_short_sides(paths: Sequence[str], max_images: int = AUTO_PROBE_IMAGES) -> list[int]:
+    """Short sides of up to ``max_images`` evenly spaced images of ``paths`` (headers only).
+
+    Unreadable files are skipped. The short side does not depend on the EXIF orientation.
+
+    Args:
+        paths: Image paths.
+        max_images: Images to look at (deterministic: evenly spaced over ``paths``).
+
+    Returns:
+        The short sides in pixels, one per readable probed image.
+    """
+    from PIL import Image
+
+    n = len(paths)
+    if n == 0 or max_images < 1:
+        return []
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, max_images))})
+    sides: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i in picks:
+            try:
+                with Image.open(paths[i]) as img:
+                    sides.append(min(img.size))
+            except Exception as e:  # noqa: BLE001 - an unreadable file just does not vote
+                log.debug("auto preprocess: cannot read the size of %s (%s)", paths[i], e)
+    return sides
+
+
+@dataclass(frozen=True)
+class EvalPreprocess:
+    """How evaluation images are decoded and brought to the evaluation size.
+
+    * ``dino``: the DINO / official EsViT protocol, ``Resize(image_size / 0.875, bicubic)`` of
+      the short side then ``CenterCrop(image_size)``: images are decoded with
+      :func:`~esvit.data.decode.load_image` at ``decode_size = round(image_size / 0.875)``
+      (short side scaled to it, bicubic, centre square) and centre-cropped to ``image_size``.
+    * ``resize``: the short side is scaled to ``decode_size`` (default ``image_size``), the centre
+      square kept and, when ``decode_size != image_size``, resized (bilinear, antialiased) to
+      ``image_size`` on the evaluation device. No crop: the whole centre square is seen.
+
+    Attributes:
+        protocol: ``"dino"`` or ``"resize"``.
+        image_size: Side ``s`` fed to the backbone.
+        decode_size: Decode canvas side ``S`` (:func:`~esvit.data.decode.load_image`).
+        requested: The mode asked for (``"auto"``, ``"dino"`` or ``"resize"``).
+        median_short_side: ``auto``: median short side of the probed images (None otherwise).
+    """
+
+    protocol: str
+    image_size: int
+    decode_size: int
+    requested: str = ""
+    median_short_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("dino", "resize"):
+            raise ValueError(f"protocol must be 'dino' or 'resize', got {self.protocol!r}")
+        if self.image_size < 1 or self.decode_size < 1:
+            raise ValueError(f"image_size and decode_size must be >= 1, got {self.image_size}, "
+                             f"{self.decode_size}")
+        if self.protocol == "dino" and self.decode_size < self.image_size:
+            raise ValueError(f"dino: decode_size {self.decode_size} < image_size {self.image_size}")
+
+    @property
+    def crop_size(self) -> int | None:
+        """Centre crop applied after decoding (``dino``), None for ``resize``."""
+        return self.image_size if self.protocol == "dino" else None
+
+    @property
+    def item_size(self) -> int:
+        """Side of the decoded (and cropped) ``uint8`` images a dataset returns."""
+        return self.crop_size or self.decode_size
+
+    def decode(self, path: str | os.PathLike[str]) -> Tensor:
+        """Decode one file: ``uint8 (3, item_size, item_size)``.
+
+        Raises:
+            esvit.data.decode.BadImageError: The file cannot be decoded.
+        """
+        from esvit.data.decode import load_image
+
+        image = load_image(path, self.decode_size)
+        return image if self.crop_size is None else center_crop(image, self.crop_size).contiguous()
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able description, written into results, manifests and feature-cache keys."""
+        rec: dict[str, Any] = {"protocol": self.protocol, "requested": self.requested or self.protocol,
+                               "image_size": self.image_size, "decode_size": self.decode_size,
+                               "crop_size": self.crop_size}
+        if self.median_short_side is not None:
+            rec["median_short_side"] = self.median_short_side
+        return rec
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> EvalPreprocess:
+        """Inverse of :meth:`record`."""
+        return cls(record["protocol"], int(record["image_size"]), int(record["decode_size"]),
+                   record.get("requested", ""), record.get("median_short_side"))
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``dino (short side 256 bicubic, centre crop 224), auto``."""
+        if self.protocol == "dino":
+            text = f"dino (short side {self.decode_size} bicubic, centre crop {self.image_size})"
+        else:
+            resize = "" if self.decode_size == self.image_size else f", resized to {self.image_size}"
+            text = f"resize (short side {self.decode_size}, centre square{resize})"
+        if self.requested == "auto":
+            text += ", auto" + ("" if self.median_short_side is None
+                                else f": median short side {self.median_short_side} px")
+        return text
+
+
+def resolve_preprocess(
+    preprocess: str,
+    image_size: int,
+    paths: Sequence[str] = (),
+    canvas_size: int | None = None,
+    *,
+    allow_canvas: bool = False,
+) -> EvalPreprocess:
+    """Choose the evaluation preprocessing.
+
+    ``auto`` picks ``dino`` when the images are larger than the evaluation size (the median short
+    side of up to :data:`AUTO_PROBE_IMAGES` evenly spaced images of ``paths`` exceeds
+    ``image_size``) and ``resize`` (decode at the image's own scale, e.g. 32 px CIFAR images at
+    32) otherwise, or when ``canvas_size`` is given (an explicit decode size is the ``resize``
+    protocol's).
+
+    Args:
+        preprocess: ``"auto"``, ``"dino"`` or ``"resize"``.
+        image_size: Evaluation resolution.
+        paths: The images (``auto`` only).
+        canvas_size: ``resize``: decode size (default ``image_size``).
+        allow_canvas: Accept ``canvas_size`` with ``dino`` (it is then not used here; the linear
+            probe's ``mode='augment'`` decodes its training crops at it).
+
+    Returns:
+        :class:`EvalPreprocess`.
+
+    Raises:
+        ValueError: Unknown mode, or ``canvas_size`` with ``dino`` (unless ``allow_canvas``).
+    """
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    if canvas_size is not None and canvas_size < 1:
+        raise ValueError(f"canvas_size must be >= 1, got {canvas_size}")
+    median = None
+    protocol = preprocess
+    if preprocess == "auto":
+        protocol = "resize"
+        if canvas_size is None:
+            sides = image_short_sides(paths)
+            if sides:
+                median = int(np.median(sides))
+                protocol = "dino" if median > image_size else "resize"
+    if protocol == "dino":
+        if canvas_size is not None and not allow_canvas:
+            raise ValueError(f"canvas_size is the decode size of preprocess='resize'; "
+                             f"preprocess='dino' decodes at round(image_size / 0.875) = "
+                             f"{dino_resize_size(image_size)}")
+        pre = EvalPreprocess("dino", image_size, dino_resize_size(image_size), preprocess, median)
+    else:
+        pre = EvalPreprocess("resize", image_size, canvas_size or image_size, preprocess, median)
+    log.info("evaluation preprocessing: %s", pre.describe())
+    return pre
 
 
 @torch.no_grad()
@@ -470,8 +669,9 @@ def cached_features(
     """:func:`encode_dataset` with an on-disk cache keyed by weights, data and options.
 
     The cache file ``{cache_dir}/{split}_{hash}.pt`` is keyed by the checkpoint (path, size,
-    mtime, key), the feature options, the image size, the flip flag and the dataset's item list
-    (``dataset_identity``). Nothing is cached for in-memory models or without ``cache_dir``.
+    mtime, key), the feature options, the image size, the flip flag, the dataset's item list and
+    its preprocessing protocol, decode and crop sizes (``dataset_identity``). Nothing is cached
+    for in-memory models or without ``cache_dir``.
     """
     from esvit.train.checkpoint import CheckpointError, atomic_save, safe_load
 
@@ -523,16 +723,20 @@ def write_json(obj: Any, path: str | Path) -> Path:
 class LabeledImages(torch.utils.data.Dataset):
     """Images decoded to a ``uint8`` canvas with integer labels, for evaluation.
 
-    Item ``i`` is ``(image uint8 (3, S, S), label, ok, i)``. An unreadable file gives a black canvas
-    and ``ok=False`` (no substitute: evaluation drops such rows, see :func:`encode_dataset`).
+    Item ``i`` is ``(image uint8 (3, s, s), label, ok, i)`` with ``s = crop_size or canvas_size``.
+    An unreadable file gives a black image and ``ok=False`` (no substitute: evaluation drops such
+    rows, see :func:`encode_dataset`).
 
     Args:
         paths: Image paths.
         labels: Class index per path.
-        canvas_size: Decode size ``S``.
+        canvas_size: Decode size ``S`` (:func:`~esvit.data.decode.load_image`: short side scaled
+            to ``S``, centre square).
+        crop_size: Centre crop of the decoded canvas (the ``dino`` protocol); None: none.
     """
 
-    def __init__(self, paths: list[str], labels: list[int], canvas_size: int) -> None:
+    def __init__(self, paths: list[str], labels: list[int], canvas_size: int,
+                 crop_size: int | None = None) -> None:
         from esvit.data.folder import PathTable
 
         if len(paths) != len(labels):
@@ -540,6 +744,28 @@ class LabeledImages(torch.utils.data.Dataset):
         self.paths = PathTable(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.canvas_size = int(canvas_size)
+        self.crop_size = None
+        self._set_crop(crop_size)
+
+    def _set_crop(self, crop_size: int | None) -> None:
+        if crop_size is not None and not 1 <= crop_size <= self.canvas_size:
+            raise ValueError(f"crop_size must be in [1, canvas_size={self.canvas_size}], "
+                             f"got {crop_size}")
+        self.crop_size = None if crop_size is None else int(crop_size)
+
+    @property
+    def protocol(self) -> str:
+        """``"dino"`` (decoded then centre-cropped) or ``"resize"`` (the whole canvas)."""
+        return "resize" if self.crop_size is None else "dino"
+
+    def with_preprocess(self, pre: EvalPreprocess) -> LabeledImages:
+        """The same images and labels decoded as ``pre`` says (paths are shared, not copied)."""
+        import copy
+
+        out = copy.copy(self)
+        out.canvas_size = pre.decode_size
+        out._set_crop(pre.crop_size)
+        return out
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -547,23 +773,40 @@ class LabeledImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int, bool, int]:
         from esvit.data.decode import BadImageError, load_image
 
+        side = self.crop_size or self.canvas_size
         try:
             image, ok = load_image(self.paths[i], self.canvas_size), True
+            if self.crop_size is not None:
+                image = center_crop(image, self.crop_size).contiguous()
         except BadImageError as e:
             log.debug("%s", e)
-            image, ok = torch.zeros(3, self.canvas_size, self.canvas_size, dtype=torch.uint8), False
+            image, ok = torch.zeros(3, side, side, dtype=torch.uint8), False
         return image, int(self.labels[i]), ok, i
 
 
 def dataset_identity(dataset: torch.utils.data.Dataset) -> dict[str, Any] | None:
-    """JSON-able identity of a :class:`LabeledImages` (paths, labels, canvas); None otherwise."""
+    """JSON-able identity of a :class:`LabeledImages`: paths, labels and how they are decoded
+    (protocol, canvas, crop); None for other datasets."""
     if not isinstance(dataset, LabeledImages):
         return None
     h = hashlib.sha1()
     for p in dataset.paths:
         h.update(os.fsencode(p) + b"\0")
     h.update(dataset.labels.tobytes())
-    return {"n": len(dataset), "paths_labels": h.hexdigest(), "canvas_size": dataset.canvas_size}
+    return {"n": len(dataset), "paths_labels": h.hexdigest(), "canvas_size": dataset.canvas_size,
+            "preprocess": dataset.protocol, "crop_size": dataset.crop_size}
+
+
+def probe_paths(*datasets: Any, max_images: int = AUTO_PROBE_IMAGES) -> list[str]:
+    """Up to ``max_images`` paths spread evenly over the ``paths`` of every dataset (``auto``)."""
+    per = max(1, max_images // max(1, len(datasets)))
+    out: list[str] = []
+    for ds in datasets:
+        n = len(ds.paths)
+        if n:
+            picks = sorted({int(j) for j in np.linspace(0, n - 1, min(n, per))})
+            out.extend(ds.paths[i] for i in picks)
+    return out
 
 
 def labeled_splits(

@@ -205,6 +205,7 @@ def knn_eval(
     backbone_name: str | None = None,
     image_size: int | None = None,
     canvas_size: int | None = None,
+    preprocess: str = "auto",
     feature: str = "pooled",
     n_last: int | None = None,
     avgpool: bool = False,
@@ -230,7 +231,13 @@ def knn_eval(
         checkpoint_key: ``"teacher"`` or ``"student"``.
         backbone_name: Registry name for bare state dicts.
         image_size: Evaluation resolution (default: recorded training size, else 224).
-        canvas_size: Decode size (default ``image_size``).
+        canvas_size: ``preprocess='resize'``: decode size (default ``image_size``); giving it
+            makes ``auto`` choose ``resize``.
+        preprocess: ``"auto"`` (default: ``dino`` when the images are larger than
+            ``image_size``, else ``resize``), ``"dino"`` (short side to ``image_size / 0.875``,
+            centre crop ``image_size``: DINO's ``Resize(256) + CenterCrop(224)``) or ``"resize"``
+            (short side to ``canvas_size``, centre square, resized to ``image_size``); see
+            :class:`~esvit.eval.features.EvalPreprocess`.
         feature: ``"pooled"`` or ``"last_n"``.
         n_last: ``last_n`` blocks / stages.
         avgpool: ``last_n`` ViT: append the mean patch token.
@@ -243,13 +250,16 @@ def knn_eval(
 
     Returns:
         ``{"knn": {"10": {"top1", "top5"}, ...}, "n_train", "n_val", "num_classes",
-        "feature_dim", "temperature", ...}`` (accuracies in percent).
+        "feature_dim", "temperature", "preprocess": {"protocol", ...}, ...}`` (accuracies in
+        percent).
     """
     from esvit.eval.features import (
         cached_features,
         labeled_splits,
+        probe_paths,
         resolve_device,
         resolve_eval_model,
+        resolve_preprocess,
     )
 
     if temperature <= 0:
@@ -261,6 +271,8 @@ def knn_eval(
                                image_size=image_size, feature=feature, n_last=n_last,
                                avgpool=avgpool, device=dev)
     tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
+    pre = resolve_preprocess(preprocess, model.image_size, probe_paths(tr_ds, va_ds), canvas_size)
+    tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
     out_dir = Path(output_dir) if output_dir is not None else None
     cache_dir = out_dir / "features" if (out_dir is not None and cache) else None
     tr_x, tr_y, _ = cached_features(model, tr_ds, "train", dev, batch_size, num_workers,
@@ -282,6 +294,7 @@ def knn_eval(
         "n_last": model.encoder.n_last or None,
         "avgpool": model.encoder.avgpool,
         "image_size": model.image_size,
+        "preprocess": pre.record(),
         "checkpoint": model.source,
     }
     if out_dir is not None:

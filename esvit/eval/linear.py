@@ -2,7 +2,9 @@
 
 Three data modes:
 
-* ``"none"``: features of the (resized) images computed once and cached;
+* ``"none"``: features of the preprocessed images (``preprocess``: the DINO resize + centre crop
+  for images larger than the evaluation size, else the whole resized centre square; see
+  :class:`~esvit.eval.features.EvalPreprocess`) computed once and cached;
 * ``"flip"``: features of the original and the horizontally flipped images cached once; SGD
   samples one of the two per image and epoch, L-BFGS trains on both;
 * ``"augment"``: the full DINO protocol, RandomResizedCrop + flip drawn every epoch and the
@@ -29,14 +31,17 @@ from torch import Tensor, nn
 
 from esvit.eval.features import (
     EvalModel,
+    EvalPreprocess,
     cached_features,
     labeled_splits,
     make_loader,
-    preprocess,
+    probe_paths,
     resolve_device,
     resolve_eval_model,
+    resolve_preprocess,
     write_json,
 )
+from esvit.eval.features import preprocess as to_model_input
 from esvit.train.checkpoint import atomic_save
 
 __all__ = [
@@ -305,7 +310,7 @@ def _train_linear_augment(
             crops = resized_crop(images.float(), boxes, image_size, flip=flip)
             crops = crops.round_().clamp_(0, 255).to(torch.uint8)
             with torch.no_grad():
-                feats = model.encoder(preprocess(crops)).float()
+                feats = model.encoder(to_model_input(crops)).float()
             if clf is None:
                 clf = LinearClassifier(feats.shape[1], num_classes, norm).to(device).train()
                 opt = torch.optim.SGD(clf.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
@@ -342,6 +347,7 @@ def linear_probe(
     backbone_name: str | None = None,
     image_size: int | None = None,
     canvas_size: int | None = None,
+    preprocess: str = "auto",
     feature: str = "pooled",
     n_last: int | None = None,
     avgpool: bool = False,
@@ -374,8 +380,16 @@ def linear_probe(
         backbone_name: Registry name, for bare state dicts.
         image_size: Evaluation resolution (default: the training global crop size recorded in
             the checkpoint, else the backbone's ``image_size``, else 224).
-        canvas_size: Decode size of the images (default ``image_size``; larger for
-            ``mode='augment'`` gives the crops more pixels).
+        canvas_size: ``preprocess='resize'``: decode size of the images (default
+            ``image_size``; giving it makes ``auto`` choose ``resize``). ``mode='augment'``:
+            decode size of the training crops' source (default: the evaluation decode size;
+            larger gives the crops more pixels), also with ``preprocess='dino'``.
+        preprocess: Evaluation preprocessing of the cached features: ``"auto"`` (default:
+            ``dino`` when the images are larger than ``image_size``, else ``resize``),
+            ``"dino"`` (short side to ``image_size / 0.875``, centre crop ``image_size``: DINO's
+            ``Resize(256) + CenterCrop(224)``) or ``"resize"`` (short side to ``canvas_size``,
+            centre square, resized to ``image_size``); see
+            :class:`~esvit.eval.features.EvalPreprocess`.
         feature: ``"pooled"`` or ``"last_n"`` (see :class:`~esvit.eval.features.FeatureEncoder`).
         n_last: Blocks / stages concatenated by ``last_n``.
         avgpool: ``last_n`` ViT: append the mean patch token.
@@ -395,7 +409,8 @@ def linear_probe(
 
     Returns:
         ``{"train": {"top1", "top5"}, "val": {...}, "num_classes", "feature_dim", "n_train",
-        "n_val", "mode", "solver", "norm", "classes", ...}`` (accuracies in percent).
+        "n_val", "mode", "solver", "norm", "classes", "preprocess": {"protocol", ...}, ...}``
+        (accuracies in percent).
     """
     if mode not in LINEAR_MODES:
         raise ValueError(f"mode must be one of {LINEAR_MODES}, got {mode!r}")
@@ -414,8 +429,13 @@ def linear_probe(
     model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
                                image_size=image_size, feature=feature, n_last=n_last,
                                avgpool=avgpool, device=dev)
-    canvas = canvas_size or model.image_size
-    tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas)
+    tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
+    pre = resolve_preprocess(preprocess, model.image_size, probe_paths(tr_ds, va_ds), canvas_size,
+                             allow_canvas=mode == "augment")
+    # the augment mode's training crops are drawn from the whole decoded canvas (no centre crop)
+    aug_ds = tr_ds.with_preprocess(EvalPreprocess("resize", model.image_size,
+                                                  canvas_size or pre.decode_size))
+    tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
     out_dir = Path(output_dir) if output_dir is not None else None
     cache_dir = out_dir / "features" if (out_dir is not None and cache) else None
     c = len(classes)
@@ -428,7 +448,7 @@ def linear_probe(
 
     va = features_of(va_ds, "val", False)
     if mode == "augment":
-        clf = _train_linear_augment(model, tr_ds, c, model.image_size, epochs, lr, batch_size,
+        clf = _train_linear_augment(model, aug_ds, c, model.image_size, epochs, lr, batch_size,
                                     norm, num_workers, dev, seed, progress)
         tr = features_of(tr_ds, "train", False)
     else:
@@ -457,6 +477,7 @@ def linear_probe(
         "n_last": model.encoder.n_last or None,
         "avgpool": avgpool,
         "image_size": model.image_size,
+        "preprocess": pre.record(),
         "checkpoint": model.source,
     }
     if solver == "sgd":
@@ -469,7 +490,8 @@ def linear_probe(
                      "in_dim": results["feature_dim"], "num_classes": c, "norm": norm,
                      "classes": list(classes), "feature": feature,
                      "n_last": results["n_last"], "avgpool": avgpool,
-                     "image_size": model.image_size, "checkpoint": model.source},
+                     "image_size": model.image_size, "preprocess": pre.record(),
+                     "checkpoint": model.source},
                     out_dir / "linear_classifier.pt")
         write_json(results, out_dir / "linear_results.json")
         results["output_dir"] = str(out_dir)

@@ -34,8 +34,9 @@ class Center(nn.Module):
         """Update the centre with a batch of teacher outputs.
 
         Args:
-            teacher_output: Tensor of shape ``(..., K)``; every leading position counts as
-                one sample (for region outputs that is every token of every image).
+            teacher_output: Tensor of shape ``(..., K)``, any float dtype (summed in float32);
+                every leading position counts as one sample (for region outputs that is every
+                token of every image).
         """
         flat = teacher_output.detach().reshape(-1, teacher_output.shape[-1]).float()
         stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])

@@ -104,6 +104,10 @@ class RegionLoss(nn.Module):
             teacher_feat: Per teacher view, backbone region features ``(b, n_t, d)``.
             teacher_temp: Current teacher temperature.
 
+        Inputs of any float dtype are read into float32 (blocks of rows for the outputs):
+        matching, centring, both softmaxes and the cross-entropy run in float32 whatever the
+        ambient autocast.
+
         Returns:
             Scalar loss (float32).
         """

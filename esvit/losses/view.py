@@ -75,6 +75,9 @@ class ViewLoss(nn.Module):
             teacher_out: Teacher (global) views, ``(b, K)`` each or stacked ``(n_t, b, K)``.
             teacher_temp: Current teacher temperature.
 
+        Inputs of any float dtype are read into float32 blocks: centring, both softmaxes and
+        the cross-entropy run in float32 whatever the ambient autocast.
+
         Returns:
             Scalar loss (float32).
         """

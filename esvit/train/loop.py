@@ -26,8 +26,16 @@ from esvit.data.sampler import EpochBlockSampler
 from esvit.schedules import Schedules
 from esvit.train import checkpoint as ckpt
 from esvit.train.collapse import CollapseMonitor
-from esvit.train.distributed import DistInfo, all_true, barrier, gather_rng_states, init_distributed
+from esvit.train.distributed import (
+    DistInfo,
+    all_true,
+    barrier,
+    gather_rng_states,
+    init_distributed,
+    sync_batchnorm_if_needed,
+)
 from esvit.train.logger import MetricLogger
+from esvit.train.optim import clip_gradients
 from esvit.trainer import EsViTTrainer
 
 log = logging.getLogger("esvit.train")
@@ -52,7 +60,7 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
     m, a, t = cfg.model, cfg.augment, cfg.teacher
     kwargs = dict(m.backbone_kwargs)
     return EsViTTrainer.from_backbone(
-        m.backbone, kwargs,
+        m.backbone, kwargs, drop_path_rate=m.drop_path_rate,
         global_size=a.global_size, local_size=a.local_size, n_local=a.n_local,
         global_scale=a.global_scale, local_scale=a.local_scale,
         out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
@@ -224,7 +232,7 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
     dataset = build_dataset(
         cfg.data.kind, cfg.data.path, cfg.data.canvas_size,
         synthetic_images=cfg.data.synthetic_images, synthetic_classes=cfg.data.synthetic_classes,
-        seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+        seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction, resize_mode=cfg.data.resize_mode,
     )
     sampler = EpochBlockSampler(len(dataset), micro_batch, info.rank, info.world_size, seed=cfg.seed)
     loader = build_loader(dataset, sampler, micro_batch, cfg.data.num_workers)
@@ -234,10 +242,19 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
         raise ValueError(f"dataset has {len(dataset)} images: too few for one step of optim.batch_size="
                          f"{o.batch_size} (x accum); lower the batch size")
     bad_counter = BadImageCounter(cfg.data.max_bad_fraction, getattr(dataset, "paths", None))
+    if cfg.knn.every_epochs and info.is_main and cfg.knn.train_path and cfg.knn.val_path:
+        from esvit.eval.monitor import (
+            monitor_preprocess,  # fail now on bad folders, not at the first epoch
+        )
+
+        pre, _, _ = monitor_preprocess(cfg.knn.train_path, cfg.knn.val_path, cfg.data.canvas_size,
+                                       cfg.augment.global_size, cfg.knn.preprocess)
+        log.info("kNN monitor every %d epochs, preprocessing: %s", cfg.knn.every_epochs, pre)
 
     # ---- model, optimiser, schedules
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (teacher = student copy)
     trainer = build_trainer(cfg, seed=cfg.seed).to(device)
+    sync_batchnorm_if_needed(trainer, cfg.model.sync_bn, info)  # student and teacher, before DDP
     torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout / drop-path
     trainer.set_shard(info.rank, info.world_size)
     if info.distributed:
@@ -316,17 +333,16 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
                         step_metrics[k] = step_metrics.get(k, 0.0) + float(v.detach()) / o.accum_steps
                 step_metrics = _mean_over_ranks(step_metrics, device, info)
                 if scaler is not None:
-                    scaler.unscale_(opt)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), o.clip_grad)
-                             if o.clip_grad > 0 else None)
+                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                # a frozen last layer's gradients are dropped first: they count in no norm
+                grad_norm = clip_gradients(trainer.student.parameters(), o.clip_grad, o.clip_mode,
+                                           frozen=trainer.last_layer_parameters() if vals.freeze_last_layer else ())
                 if grad_norm is not None and scaler is None and not torch.isfinite(grad_norm):
                     raise NonFiniteLossError(
                         f"non-finite gradient norm ({float(grad_norm)}) at step {step + 1} (epoch {epoch}); "
                         f"stopping before the update. Last good checkpoint: {last_ckpt or 'none'}. Lower "
                         "optim.lr or check the data, then resume with --resume auto."
                     )
-                if vals.freeze_last_layer:
-                    trainer.cancel_last_layer_gradients()
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -379,7 +395,8 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
 
 
 def build_loader(dataset: Any, sampler: EpochBlockSampler, batch_size: int, num_workers: int) -> DataLoader:
-    """DataLoader over uint8 canvases; pinned memory and persistent workers only where useful."""
+    """DataLoader over uint8 canvases (letterboxed ``Canvas`` batches with ``data.resize_mode``
+    letterbox); pinned memory and persistent workers only where useful."""
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
@@ -410,7 +427,8 @@ def _knn_monitor(cfg: Config, trainer: EsViTTrainer, device: torch.device, info:
     try:
         res = knn_monitor(trainer.teacher.backbone, cfg.knn.train_path, cfg.knn.val_path,
                           cfg.data.canvas_size, cfg.augment.global_size, device, cfg.knn.k,
-                          cfg.knn.temperature, cfg.knn.max_train_images, cfg.data.num_workers)
+                          cfg.knn.temperature, cfg.knn.max_train_images, cfg.data.num_workers,
+                          cfg.knn.preprocess)
     finally:
         trainer.train(was_training)
     logger.log({f"knn_{k}": v for k, v in res.items()}, step)
