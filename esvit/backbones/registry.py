@@ -21,6 +21,7 @@ through :func:`torchvision_equivalent`.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,12 +130,17 @@ def list_backbones() -> list[str]:
 
 
 def _lookup(name: str) -> Factory:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backbone {name!r}; available backbones: {', '.join(list_backbones())}"
-        ) from None
+    if "/" in name:
+        from .hub import hub_factory  # timm/<model>, torchvision/<model>
+
+        return hub_factory(name)
+    close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.5)
+    raise ValueError(
+        f"unknown backbone {name!r}" + (f"; closest: {', '.join(close)}" if close else "")
+        + f"; built in: {', '.join(list_backbones())}; or any timm/<model> or torchvision/<model>"
+    )
 
 
 def _check_kwargs(name: str, fn: Callable[..., object], kwargs: dict[str, object]) -> None:
