@@ -272,6 +272,8 @@ class EsViTTrainer(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             if isinstance(self.augment, MultiCropAugmentation):
                 views, params = self.augment.forward_with_params(images, self.shard)
+                if not self.augment.exact_geometry:  # an extra op moved pixels: boxes are not the geometry
+                    params = None
             else:  # a custom augmentation: no crop geometry for region_match_accuracy
                 if isinstance(images, Canvas):
                     images = images.image

@@ -23,6 +23,10 @@ every pixel of the photo can appear in a crop. The boxes are then mapped into th
 of the canvas (``Canvas.box``) and resampled from there: a photo that fits the canvas is cropped
 on its own pixel grid, as torchvision would crop the original.
 
+Users' own ``kornia.augmentation`` ops (``extra_global`` / ``extra_local``,
+:mod:`esvit.augment.extra`) run after the colour ops and before normalisation, seeded from the
+same generator.
+
 All views of one output size are processed as one batch: one ``roi_align`` call crops and
 resizes them (from the part of the canvases any box reaches, converted to float once), one
 indexed copy flips the selected crops, and every other op is a batched tensor op with per-sample
@@ -40,8 +44,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +61,7 @@ from esvit.augment.crop import (
     crop_boxes_from_draws,
     draw_crop_boxes,
 )
+from esvit.augment.extra import ExtraOps
 from esvit.data.decode import Canvas
 
 __all__ = [
@@ -96,6 +102,9 @@ class ViewParams:
         blur: ``(b,)`` bool.
         sigma: ``(b,)`` float blur sigma (used where ``blur``).
         solarize: ``(b,)`` bool.
+        extra_seed: Seed of the view's extra kornia ops (:class:`~esvit.augment.extra.ExtraOps`).
+        row_offset, global_batch: Where these rows sit in the global batch the parameters
+            were drawn for (``global_batch`` 0: these rows are the whole batch).
     """
 
     kind: str
@@ -113,6 +122,9 @@ class ViewParams:
     blur: Tensor
     sigma: Tensor
     solarize: Tensor
+    extra_seed: int = 0
+    row_offset: int = 0
+    global_batch: int = 0
 
     def rows(self, start: int, end: int) -> ViewParams:
         """Parameters of samples ``start:end`` (e.g. this rank's share of a global batch)."""
@@ -206,8 +218,11 @@ class MultiCropAugmentation(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         seed: int | None = None,
+        extra_global: Sequence[Mapping[str, Any]] = (),
+        extra_local: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__()
+        self.extras = ExtraOps(extra_global, extra_local)
         for name, v in (("global_size", global_size), ("local_size", local_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -263,6 +278,12 @@ class MultiCropAugmentation(nn.Module):
         self._generator.set_state(state.cpu())
 
     # ------------------------------------------------------------------ views
+    @property
+    def exact_geometry(self) -> bool:
+        """Whether crop boxes and flips say exactly where each output pixel comes from (False
+        when an extra kornia op moves pixels, e.g. ``RandomAffine``)."""
+        return not (self.extras and self.extras.geometric)
+
     @property
     def view_kinds(self) -> list[str]:
         """Kinds of the output views, in order."""
@@ -325,6 +346,8 @@ class MultiCropAugmentation(nn.Module):
             s_lo, s_hi = self.blur_sigma
             sigma = s_lo + (s_hi - s_lo) * torch.rand(n, generator=g)[lo:hi]
             source_boxes = crop_boxes_from_draws(draws, source_size[:, 0], source_size[:, 1], self.ratio)
+            # drawn only when there are extra ops: without them the stream is unchanged
+            extra_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if self.extras else 0
             out.append(ViewParams(
                 kind=kind, size=size, boxes=boxes_to_canvas(source_boxes, box, source_size),
                 source_boxes=source_boxes,
@@ -332,6 +355,7 @@ class MultiCropAugmentation(nn.Module):
                 brightness=fac[0], contrast=fac[1], saturation=fac[2], hue=fac[3],
                 order=order, grayscale=u[2] < self.grayscale_p, blur=u[3] < blur_p,
                 sigma=sigma, solarize=u[4] < sol_p,
+                extra_seed=extra_seed, row_offset=lo, global_batch=n,
             ))
         return out
 
@@ -502,6 +526,11 @@ class MultiCropAugmentation(nn.Module):
         # ---- solarize
         sub = x[sol_index]
         x.index_copy_(0, sol_index, torch.where(sub >= sol_thr, 1.0 - sub, sub))
+        # ---- the user's kornia ops, per view (each view's rows are one contiguous block)
+        if self.extras:
+            for i, p in enumerate(params):
+                block = x[i * b:(i + 1) * b]
+                block.copy_(self.extras.apply(block.clone(), p.kind, p.extra_seed, p.row_offset, p.global_batch))
         # ---- normalise
         mean, std = norm.view(2, 1, 3, 1, 1).unbind(0)
         x.sub_(mean).div_(std)
