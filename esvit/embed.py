@@ -7,8 +7,23 @@ tokens and ``paths_00000.csv`` for the embedded images; ``manifest.json`` record
 shards and the settings. A restarted run with the same settings skips finished shards, so a
 killed extraction over a large folder loses at most one shard of work. At the end the shards are
 merged (optional) into ``embeddings.npy`` through ``np.lib.format.open_memmap`` (bounded memory)
-and ``embeddings.csv`` lists ``row,path,label`` for every row. Unreadable images are skipped,
-counted and listed in ``bad_files.txt``.
+and ``embeddings.csv`` lists ``row,path,label`` for every row. Unreadable images (and inputs
+that are not regular files: FIFOs, devices, never opened) are skipped, counted and listed in
+``bad_files.txt``.
+
+The output folder is owned through a ledger (:class:`esvit.eval.outputs.OutputFolder`):
+``esvit-embed`` only creates, replaces or (with ``overwrite``) deletes files that the ledger
+lists as its own, and refuses a folder holding anything else, naming one of the foreign files.
+
+CSV files (``embeddings.csv``, ``paths_*.csv``) are RFC 4180: comma-separated, CRLF line ends,
+fields holding a comma, a quote, CR or LF are quoted (quotes doubled), so any file name,
+newlines included, is one field of one row. They are UTF-8; a file name that is not valid UTF-8
+is written as its original bytes (Python's ``surrogateescape``), so read them with
+:func:`read_embeddings_csv`, ``open(path, newline="", encoding="utf-8",
+errors="surrogateescape")`` + ``csv.reader``, or ``pandas.read_csv(path, dtype=str,
+keep_default_na=False, encoding_errors="surrogateescape")``. ``bad_files.txt`` holds
+``path<TAB>reason`` lines, quoted the same way when a field holds a tab, quote, CR or LF
+(``csv.reader(f, delimiter="\\t")`` reads it).
 
 Memory does not grow with the number of images: ``.npy`` shards are filled in place through a
 memory map, and only a batch of images is in flight at a time.
@@ -23,7 +38,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,22 +49,29 @@ import torch
 from torch import Tensor
 
 from esvit.eval.features import (
+    EvalModel,
     EvalPreprocess,
+    make_loader,
     resolve_device,
     resolve_eval_model,
     resolve_preprocess,
 )
 from esvit.eval.features import preprocess as to_model_input
+from esvit.eval.outputs import OutputFolder
 
-__all__ = ["EMBED_DTYPES", "EMBED_FORMATS", "EmbedResult", "embed", "embed_images"]
+__all__ = ["EMBED_DTYPES", "EMBED_FORMATS", "EmbedResult", "embed", "embed_images",
+           "read_embeddings_csv"]
 
 log = logging.getLogger("esvit.embed")
 
+COMMAND = "esvit-embed"
 EMBED_DTYPES = ("float32", "float16")
 EMBED_FORMATS = ("npy", "pt", "safetensors")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: bad images recorded as [index, reason]; files listed in the ledger
+CSV_ENCODING, CSV_ERRORS = "utf-8", "surrogateescape"
 _COPY_ROWS = 4096  # rows copied at a time when compacting / merging memory maps
+_EXT = {"npy": ".npy", "pt": ".pt", "safetensors": ".safetensors"}
 
 
 @dataclass
@@ -133,46 +154,45 @@ class _ImageList(torch.utils.data.Dataset):
             return torch.zeros(3, side, side, dtype=torch.uint8), False, i, e.reason
 
 
-# --------------------------------------------------------------------------- shard files
+# --------------------------------------------------------------------------- CSV files
 
 
-def _tmp_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
+def _open_csv(path: Path, mode: str) -> Any:
+    return open(path, mode, newline="", encoding=CSV_ENCODING, errors=CSV_ERRORS)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def read_embeddings_csv(path: str | os.PathLike[str]) -> list[list[str]]:
+    """Rows (header first) of an ``embeddings.csv`` / ``paths_*.csv`` written by esvit-embed.
+
+    File names that are not valid UTF-8 come back as the ``str`` Python gives them
+    (``surrogateescape``): the same string as the path the folder scan found.
+    """
+    with _open_csv(Path(path), "r") as f:
+        return list(csv.reader(f))
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600 files; outputs follow the umask
-    os.replace(tmp, final)
+def _tsv_field(text: str) -> str:
+    """A ``bad_files.txt`` field: quoted (CSV rules) when it holds a tab, quote, CR or LF."""
+    if any(c in text for c in '\t"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text)
-    _fsync_replace(tmp, path)
+# --------------------------------------------------------------------------- array files
 
 
 class _RowWriter:
-    """Rows of one array written to ``final``: ``.npy`` through a memory map, else buffered."""
+    """Rows of one array written to ``name``: ``.npy`` through a memory map, else buffered."""
 
-    def __init__(self, final: Path, capacity: int, row_shape: tuple[int, ...], dtype: np.dtype,
-                 fmt: str, key: str) -> None:
-        self.final, self.fmt, self.key, self.dtype = final, fmt, key, dtype
+    def __init__(self, folder: OutputFolder, name: str, capacity: int,
+                 row_shape: tuple[int, ...], dtype: np.dtype, fmt: str, key: str) -> None:
+        self.folder, self.name, self.fmt, self.key, self.dtype = folder, name, fmt, key, dtype
         self.rows = 0
         self.capacity = capacity
         self.row_shape = row_shape
         self.mapped = fmt == "npy" and capacity > 0
         if self.mapped:
-            self.tmp = _tmp_path(final)
+            self.tmp = folder.temp(name)
             self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype,
                                                 shape=(capacity, *row_shape))
         else:
@@ -187,31 +207,26 @@ class _RowWriter:
         self.rows += len(block)
 
     def close(self) -> None:
-        if self.mapped:
-            self.mm.flush()
-            self.mm = None
-            if self.rows == 0:
-                self.tmp.unlink()
-                _save_array(np.zeros((0, *self.row_shape), dtype=self.dtype), self.final,
-                            "npy", self.key)
-                return
-            if self.rows != self.capacity:  # some images were unreadable: compact
-                exact = _tmp_path(self.final)
-                src = np.load(self.tmp, mmap_mode="r")
-                dst = np.lib.format.open_memmap(exact, mode="w+", dtype=self.dtype,
-                                                shape=(self.rows, *self.row_shape))
-                for s in range(0, self.rows, _COPY_ROWS):
-                    e = min(s + _COPY_ROWS, self.rows)
-                    dst[s:e] = src[s:e]
-                dst.flush()
-                del src, dst
-                self.tmp.unlink()
-                self.tmp = exact
-            _fsync_replace(self.tmp, self.final)
+        if not self.mapped:
+            arr = (np.concatenate(self.parts) if self.parts
+                   else np.zeros((0, *self.row_shape), dtype=self.dtype))
+            _save_array(self.folder, self.name, arr, self.fmt, self.key)
             return
-        arr = (np.concatenate(self.parts) if self.parts
-               else np.zeros((0, *self.row_shape), dtype=self.dtype))
-        _save_array(arr, self.final, self.fmt, self.key)
+        self.mm.flush()
+        self.mm = None
+        if self.rows != self.capacity:  # some images were unreadable: compact
+            exact = self.folder.temp(self.name)
+            src = np.load(self.tmp, mmap_mode="r")
+            dst = np.lib.format.open_memmap(exact, mode="w+", dtype=self.dtype,
+                                            shape=(self.rows, *self.row_shape))
+            for s in range(0, self.rows, _COPY_ROWS):
+                e = min(s + _COPY_ROWS, self.rows)
+                dst[s:e] = src[s:e]
+            dst.flush()
+            del src, dst
+            self.tmp.unlink()
+            self.tmp = exact
+        self.folder.commit(self.tmp, self.name)
 
     def abort(self) -> None:
         if self.mapped:
@@ -219,18 +234,17 @@ class _RowWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def _save_array(arr: np.ndarray, final: Path, fmt: str, key: str) -> None:
-    tmp = _tmp_path(final)
-    if fmt == "npy":
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-    elif fmt == "pt":
-        torch.save({key: torch.from_numpy(np.ascontiguousarray(arr))}, tmp)
-    else:
-        from safetensors.numpy import save_file
+def _save_array(folder: OutputFolder, name: str, arr: np.ndarray, fmt: str, key: str) -> None:
+    with folder.writing(name) as tmp:
+        if fmt == "npy":
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+        elif fmt == "pt":
+            torch.save({key: torch.from_numpy(np.ascontiguousarray(arr))}, tmp)
+        else:
+            from safetensors.numpy import save_file
 
-        save_file({key: np.ascontiguousarray(arr)}, str(tmp))
-    _fsync_replace(tmp, final)
+            save_file({key: np.ascontiguousarray(arr)}, str(tmp))
 
 
 def _load_array(path: Path, fmt: str, key: str) -> np.ndarray:
@@ -245,7 +259,29 @@ def _load_array(path: Path, fmt: str, key: str) -> np.ndarray:
     return load_file(str(path))[key]
 
 
-def _check_format(fmt: str) -> None:
+def _merge(folder: OutputFolder, parts: list[str], name: str, fmt: str, key: str,
+           shape: tuple[int, ...], np_dtype: np.dtype) -> None:
+    if fmt != "npy":
+        arrays = [a for a in (_load_array(folder.path(p), fmt, key) for p in parts) if len(a)]
+        _save_array(folder, name, np.concatenate(arrays).astype(np_dtype, copy=False), fmt, key)
+        return
+    with folder.writing(name) as tmp:
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+        row = 0
+        for p in parts:
+            src = np.load(folder.path(p), mmap_mode="r")
+            for s in range(0, len(src), _COPY_ROWS):
+                block = src[s:s + _COPY_ROWS]
+                dst[row:row + len(block)] = block
+                row += len(block)
+            del src
+        dst.flush()
+        del dst
+
+
+def _check_options(dtype: str, fmt: str, shard_size: int, batch_size: int) -> None:
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"dtype must be one of {EMBED_DTYPES}, got {dtype!r}")
     if fmt not in EMBED_FORMATS:
         raise ValueError(f"format must be one of {EMBED_FORMATS}, got {fmt!r}")
     if fmt == "safetensors":
@@ -254,12 +290,11 @@ def _check_format(fmt: str) -> None:
         except ImportError:
             raise ValueError("format 'safetensors' needs the safetensors package: "
                              "pip install safetensors (or use --format npy / pt)") from None
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
 
 
-_FILE_MODE = _file_mode()
-
-
-# --------------------------------------------------------------------------- main entry
+# --------------------------------------------------------------------------- shards and manifest
 
 
 class _ShardBatches:
@@ -285,8 +320,212 @@ class _ShardBatches:
         return sum(len(self._range(i)) for i in self.shards)
 
 
+def _shard_names(i: int, ext: str) -> tuple[str, str, str]:
+    """``(embeddings, regions, paths csv)`` file names of shard ``i``."""
+    return f"embeddings_{i:05d}{ext}", f"regions_{i:05d}.npy", f"paths_{i:05d}.csv"
+
+
+def _output_names(n_shards: int, ext: str) -> list[str]:
+    """Every file an extraction of ``n_shards`` shards may write (recorded in the ledger)."""
+    names = [n for i in range(n_shards) for n in _shard_names(i, ext)]
+    return [*names, f"embeddings{ext}", "regions.npy", "embeddings.csv", "bad_files.txt",
+            MANIFEST]
+
+
+def _legacy_names(root: Path) -> list[str]:
+    """Files that an esvit-embed from before the ledger wrote in ``root`` (from its manifest)."""
+    try:
+        st = json.loads((root / MANIFEST).read_text())["settings"]
+        n_shards = -(-int(st["num_inputs"]) // int(st["shard_size"]))
+        names = _output_names(n_shards, _EXT[st["format"]])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return []
+    prefixes = tuple(f".{n}." for n in names)  # its temporary files: .<name>.<random>.tmp
+    temps = [e.name for e in os.scandir(root) if e.name.endswith(".tmp")
+             and e.name.startswith(prefixes)]
+    return names + temps
+
+
 def _manifest_settings(**kw: Any) -> dict[str, Any]:
     return json.loads(json.dumps(kw, sort_keys=True, default=str))
+
+
+def _paths_hash(paths: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _bad_records(shard: dict[str, Any], paths: Sequence[str], span: range) -> list[list[Any]]:
+    """``[[index, reason], ...]`` of a shard record (version 1 stored ``"path\\treason"``)."""
+    out = []
+    where = None
+    for rec in shard.get("bad", []):
+        if isinstance(rec, str):  # version 1
+            if where is None:
+                where = {paths[j]: j for j in span}
+            path, _, reason = rec.rpartition("\t")
+            if path not in where:
+                raise ValueError(f"bad-image record {rec!r} names no image of the shard")
+            out.append([where[path], reason])
+        else:
+            out.append([int(rec[0]), str(rec[1])])
+    return out
+
+
+def _open_manifest(folder: OutputFolder, settings: dict[str, Any],
+                   overwrite: bool) -> dict[str, Any]:
+    path = folder.path(MANIFEST)
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            manifest = None
+        old = dict((manifest or {}).get("settings", {}))
+        if old and "preprocess" not in old:  # written before the protocol was recorded
+            old.update(preprocess="resize", crop_size=None)
+        if manifest is not None and old == settings:
+            manifest["settings"] = settings
+            manifest.setdefault("shards", {})
+            return manifest
+        if not overwrite:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{folder.root} already holds embeddings made with other settings (differs: "
+                f"{', '.join(diff) or 'unreadable manifest'}); pass overwrite=True (--overwrite) "
+                "or choose another output folder"
+            )
+    if overwrite:  # only what esvit-embed recorded writing here
+        n = folder.remove(folder.files(COMMAND))
+        if n:
+            log.info("overwrite: deleted %d file(s) of the previous extraction in %s", n,
+                     folder.root)
+    manifest = {"format_version": MANIFEST_VERSION, "settings": settings, "shards": {},
+                "dim": None, "tokens": None}
+    _save_manifest(folder, manifest)
+    return manifest
+
+
+def _save_manifest(folder: OutputFolder, manifest: dict[str, Any]) -> None:
+    manifest["format_version"] = MANIFEST_VERSION
+    folder.write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+@dataclass
+class _Job:
+    """One extraction: inputs, options and the output folder."""
+
+    folder: OutputFolder
+    manifest: dict[str, Any]
+    paths: list[str]
+    labels: list[str]
+    shard_size: int
+    fmt: str
+    np_dtype: np.dtype
+    regions: bool
+
+    @property
+    def ext(self) -> str:
+        return _EXT[self.fmt]
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.paths) // self.shard_size)
+
+    def span(self, i: int) -> range:
+        """Indices of shard ``i``."""
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, len(self.paths)))
+
+    def rows(self, i: int) -> list[int]:
+        """Indices embedded in finished shard ``i`` (its images minus the unreadable ones)."""
+        bad = {j for j, _ in self.manifest["shards"][str(i)]["bad"]}
+        return [j for j in self.span(i) if j not in bad]
+
+    def complete(self, i: int) -> bool:
+        """Whether shard ``i`` is finished and its files are on disk."""
+        rec = self.manifest["shards"].get(str(i))
+        if rec is None:
+            return False
+        try:
+            rec["bad"] = _bad_records(rec, self.paths, self.span(i))
+        except (ValueError, TypeError, IndexError, KeyError):
+            return False
+        if len(self.rows(i)) != int(rec.get("rows", -1)):
+            return False
+        emb, reg, csv_name = _shard_names(i, self.ext)
+        return all(self.folder.path(n).is_file()
+                   for n in (emb, csv_name, *((reg,) if self.regions else ())))
+
+
+class _ShardSink:
+    """Rows of the shard being embedded, written (files + manifest) once the shard is done."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.cur = -1
+        self.rows: list[int] = []
+        self.bad: list[list[Any]] = []
+        self.writers: dict[str, _RowWriter] = {}
+
+    def add(self, shard: int, idx: list[int], ok: list[bool], errors: Sequence[str],
+            emb: np.ndarray | None, reg: np.ndarray | None) -> None:
+        """Add one batch (``emb`` / ``reg``: rows of the readable images, in order)."""
+        if shard != self.cur:
+            self.finish()
+            self.cur, self.rows, self.bad = shard, [], []
+        self.bad.extend([j, err] for j, good, err in zip(idx, ok, errors, strict=True) if not good)
+        good = [j for j, g in zip(idx, ok, strict=True) if g]
+        if not good or emb is None:
+            return
+        job = self.job
+        if "emb" not in self.writers:
+            job.manifest["dim"] = int(emb.shape[1])
+            n = len(job.span(shard))
+            emb_name, reg_name, _ = _shard_names(shard, job.ext)
+            self.writers["emb"] = _RowWriter(job.folder, emb_name, n, (emb.shape[1],),
+                                             job.np_dtype, job.fmt, "embeddings")
+            if reg is not None:
+                job.manifest["tokens"] = int(reg.shape[1])
+                self.writers["reg"] = _RowWriter(job.folder, reg_name, n, tuple(reg.shape[1:]),
+                                                 job.np_dtype, "npy", "regions")
+        self.writers["emb"].append(emb)
+        if reg is not None:
+            self.writers["reg"].append(reg)
+        self.rows.extend(good)
+
+    def finish(self) -> None:
+        """Write the current shard's files, then record it in the manifest."""
+        if self.cur < 0:
+            return
+        job, i = self.job, self.cur
+        emb_name, reg_name, csv_name = _shard_names(i, job.ext)
+        if "emb" not in self.writers:  # every image of the shard was unreadable
+            d, t = job.manifest.get("dim") or 0, job.manifest.get("tokens") or 0
+            _RowWriter(job.folder, emb_name, 0, (d,), job.np_dtype, job.fmt, "embeddings").close()
+            if job.regions:
+                _RowWriter(job.folder, reg_name, 0, (t, d), job.np_dtype, "npy", "regions").close()
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+        with job.folder.writing(csv_name) as tmp, _open_csv(tmp, "w") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            w.writerows([job.paths[j], job.labels[j]] for j in self.rows)
+        job.manifest["shards"][str(i)] = {"rows": len(self.rows), "bad": list(self.bad)}
+        _save_manifest(job.folder, job.manifest)
+        self.cur = -1
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+
+
+# --------------------------------------------------------------------------- main entry
 
 
 def embed_images(
@@ -320,7 +559,8 @@ def embed_images(
             ``backbone_name``), ``(net, spec)``, or a :class:`~esvit.eval.features.FeatureEncoder`.
         inputs: Image folder (scanned recursively, sorted; the first-level subfolder is the
             label), a list file (one path per line, optional ``<TAB>label``), or a list of paths.
-        out_dir: Output folder (created).
+        out_dir: Output folder (created). It must hold only files esvit recorded writing there
+            (:class:`~esvit.eval.outputs.OutputFolder`); anything else is refused.
         checkpoint_key: ``"teacher"`` or ``"student"`` weights of a training checkpoint.
         backbone_name: Registry name for bare state dicts.
         image_size: Resolution fed to the backbone (default: recorded training size, else 224).
@@ -338,14 +578,16 @@ def embed_images(
         avgpool: ``last_n`` ViT: append the mean patch token.
         regions: Also save region tokens ``(n, tokens, d)`` per shard (``regions_*.npy``).
         batch_size: Images per forward pass.
-        num_workers: DataLoader decode workers.
+        num_workers: DataLoader decode workers (a batch that takes longer than
+            ``$ESVIT_LOADER_TIMEOUT`` seconds, default 600, stops the run with a message).
         device: Device (default CUDA when available).
         dtype: ``"float32"`` or ``"float16"`` storage.
         format: ``"npy"``, ``"pt"`` or ``"safetensors"`` (needs the safetensors package).
         shard_size: Images per shard (unit of resumption).
         merge: Merge shards into single files at the end (``.npy`` via a memory map; ``.pt`` and
             ``.safetensors`` need the whole matrix in memory once).
-        overwrite: Discard an existing extraction made with other settings.
+        overwrite: Discard an existing extraction made with other settings (only the files
+            esvit-embed recorded writing are deleted).
         progress: Show a tqdm bar.
 
     Returns:
@@ -353,261 +595,123 @@ def embed_images(
 
     Raises:
         FileNotFoundError: ``inputs`` does not exist.
+        esvit.eval.outputs.ForeignFilesError: ``out_dir`` holds files esvit did not write.
+        esvit.eval.outputs.FolderBusyError: Another process writes to ``out_dir``.
+        esvit.eval.loader.LoaderStalledError: The decoding workers stalled.
         ValueError: No images, bad option, or ``out_dir`` holds an extraction made with other
             settings (and ``overwrite`` is False).
     """
-    from tqdm import tqdm
-
-    if dtype not in EMBED_DTYPES:
-        raise ValueError(f"dtype must be one of {EMBED_DTYPES}, got {dtype!r}")
-    _check_format(format)
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
-    np_dtype = np.dtype(dtype)
+    _check_options(dtype, format, shard_size, batch_size)
     paths, labels, described = _list_inputs(inputs)
-    dev = resolve_device(device)
-    model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
-                               image_size=image_size, feature=feature, n_last=n_last,
-                               avgpool=avgpool, device=dev)
-    pre = resolve_preprocess(preprocess, model.image_size, paths, canvas_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
-    ext = {"npy": ".npy", "pt": ".pt", "safetensors": ".safetensors"}[format]
-    settings = _manifest_settings(
-        model=model.cache_token or model.source, feature=feature, n_last=model.encoder.n_last,
-        avgpool=avgpool, image_size=model.image_size, canvas_size=pre.decode_size,
-        preprocess=pre.protocol, crop_size=pre.crop_size, dtype=dtype, format=format,
-        regions=regions, shard_size=shard_size, inputs=described, num_inputs=len(paths),
-        paths_hash=_paths_hash(paths),
-    )
-    manifest = _open_manifest(out, settings, overwrite)
-    if manifest.get("preprocess") != pre.record():
-        manifest["preprocess"] = pre.record()  # how auto decided, for the record
-        _save_manifest(out, manifest)
-    n_shards = (len(paths) + shard_size - 1) // shard_size
-    done = manifest["shards"]
-
-    def shard_files(i: int) -> tuple[Path, Path, Path]:
-        return (out / f"embeddings_{i:05d}{ext}", out / f"regions_{i:05d}.npy",
-                out / f"paths_{i:05d}.csv")
-
-    def shard_complete(i: int) -> bool:
-        rec = done.get(str(i))
-        if rec is None:
-            return False
-        emb, reg, csv_path = shard_files(i)
-        return emb.is_file() and csv_path.is_file() and (not regions or reg.is_file())
-
-    pending = [i for i in range(n_shards) if not shard_complete(i)]
-    skipped = n_shards - len(pending)
-    for i in pending:
-        done.pop(str(i), None)
-    if skipped:
-        log.info("resuming: %d of %d shards already done", skipped, n_shards)
-
-    batches = _ShardBatches(pending, shard_size, len(paths), batch_size)
-    dataset = _ImageList(paths, pre)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                         pin_memory=dev.type == "cuda")
-    bar = tqdm(total=batches.num_images(), desc="embedding", unit="img", disable=not progress)
-    writers: dict[str, _RowWriter] = {}
-    cur = -1
-    cur_rows: list[int] = []
-    cur_bad: list[str] = []
-    dim = manifest.get("dim")
-    tokens = manifest.get("tokens")
-
-    def finish_shard(i: int) -> None:
-        emb, reg, csv_path = shard_files(i)
-        if "emb" not in writers:  # every image of the shard was unreadable
-            d = dim or 0
-            _RowWriter(emb, 0, (d,), np_dtype, format, "embeddings").close()
-            if regions:
-                _RowWriter(reg, 0, (tokens or 0, d), np_dtype, "npy", "regions").close()
-        for w in writers.values():
-            w.close()
-        lines = ["path,label"] + [_csv_row(paths[j], labels[j]) for j in cur_rows]
-        _write_text(csv_path, "\n".join(lines) + "\n")
-        done[str(i)] = {"rows": len(cur_rows), "bad": list(cur_bad)}
-        manifest.update(dim=dim, tokens=tokens)
-        _save_manifest(out, manifest)
-        writers.clear()
-
+    folder = OutputFolder(out_dir, COMMAND, adopt=_legacy_names).claim()
     try:
-        with torch.no_grad():
-            for images, ok, index, errors in loader:
-                first = int(index[0])
-                shard = first // shard_size
-                if shard != cur:
-                    if cur >= 0:
-                        finish_shard(cur)
-                    cur, cur_rows, cur_bad = shard, [], []
-                ok = torch.as_tensor(ok, dtype=torch.bool)
-                idx = [int(j) for j in index]
-                cur_bad.extend(f"{paths[j]}\t{err}"
-                               for j, good, err in zip(idx, ok.tolist(), errors, strict=True)
-                               if not good)
-                good_idx = [j for j, good in zip(idx, ok.tolist(), strict=True) if good]
-                bar.update(len(idx))
-                if not good_idx:
-                    continue
-                x = to_model_input(images[ok].to(dev, non_blocking=dev.type == "cuda"),
-                                   model.image_size)
-                if regions:
-                    f, r = model.encoder.forward_with_regions(x)
-                else:
-                    f, r = model.encoder(x), None
-                f_np = f.float().cpu().numpy()
-                if "emb" not in writers:
-                    dim = int(f_np.shape[1])
-                    n_in_shard = min(shard_size, len(paths) - shard * shard_size)
-                    emb, reg, _ = shard_files(shard)
-                    writers["emb"] = _RowWriter(emb, n_in_shard, (dim,), np_dtype, format,
-                                                "embeddings")
-                    if r is not None:
-                        tokens = int(r.shape[1])
-                        writers["reg"] = _RowWriter(reg, n_in_shard, tuple(r.shape[1:]),
-                                                    np_dtype, "npy", "regions")
-                writers["emb"].append(f_np)
-                if r is not None:
-                    writers["reg"].append(r.float().cpu().numpy())
-                cur_rows.extend(good_idx)
-            if cur >= 0:
-                finish_shard(cur)
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+        folder.remove([n for n in folder.files(COMMAND) if n.endswith(".tmp")])  # adopted temps
+        dev = resolve_device(device)
+        model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key,
+                                   backbone_name=backbone_name, image_size=image_size,
+                                   feature=feature, n_last=n_last, avgpool=avgpool, device=dev)
+        pre = resolve_preprocess(preprocess, model.image_size, paths, canvas_size)
+        settings = _manifest_settings(
+            model=model.cache_token or model.source, feature=feature,
+            n_last=model.encoder.n_last, avgpool=avgpool, image_size=model.image_size,
+            canvas_size=pre.decode_size, preprocess=pre.protocol, crop_size=pre.crop_size,
+            dtype=dtype, format=format, regions=regions, shard_size=shard_size,
+            inputs=described, num_inputs=len(paths), paths_hash=_paths_hash(paths),
+        )
+        manifest = _open_manifest(folder, settings, overwrite)
+        job = _Job(folder, manifest, paths, labels, shard_size, format, np.dtype(dtype), regions)
+        folder.record(*_output_names(job.n_shards, job.ext))
+        if manifest.get("preprocess") != pre.record():
+            manifest["preprocess"] = pre.record()  # how auto decided, for the record
+            _save_manifest(folder, manifest)
+        skipped = _embed_pending(job, model, pre, dev, batch_size, num_workers, progress)
+        res = _finalize(job, merge, skipped)
     finally:
-        bar.close()
-
-    res = _finalize(out, manifest, n_shards, shard_files, paths, labels, format, np_dtype,
-                    regions, merge, skipped)
+        folder.release()
     res.preprocess = pre.record()
     return res
 
 
-def _csv_row(path: str, label: str) -> str:
-    import io
+def _embed_pending(job: _Job, model: EvalModel, pre: EvalPreprocess, dev: torch.device,
+                   batch_size: int, num_workers: int, progress: bool) -> int:
+    """Embed the shards that are not complete; returns the number of complete ones skipped."""
+    from tqdm import tqdm
 
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow([path, label])
-    return buf.getvalue()
-
-
-def _paths_hash(paths: Sequence[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for p in paths:
-        h.update(p.encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _open_manifest(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    path = out / MANIFEST
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            manifest = None
-        old = dict((manifest or {}).get("settings", {}))
-        if old and "preprocess" not in old:  # written before the protocol was recorded
-            old.update(preprocess="resize", crop_size=None)
-        if manifest is not None and old == settings:
-            manifest["settings"] = settings
-            manifest.setdefault("shards", {})
-            return manifest
-        if not overwrite:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(
-                f"{out} already holds embeddings made with other settings (differs: "
-                f"{', '.join(diff) or 'unreadable manifest'}); pass overwrite=True (--overwrite) "
-                "or choose another output folder"
-            )
-        for pattern in ("embeddings*", "regions*", "paths_*.csv", "bad_files.txt", MANIFEST):
-            for p in out.glob(pattern):
-                if p.is_file():
-                    p.unlink()
-    manifest = {"format_version": MANIFEST_VERSION, "settings": settings, "shards": {},
-                "dim": None, "tokens": None}
-    _save_manifest(out, manifest)
-    return manifest
+    pending = [i for i in range(job.n_shards) if not job.complete(i)]
+    for i in pending:
+        job.manifest["shards"].pop(str(i), None)
+    skipped = job.n_shards - len(pending)
+    if skipped:
+        log.info("resuming: %d of %d shards already done", skipped, job.n_shards)
+    batches = _ShardBatches(pending, job.shard_size, len(job.paths), batch_size)
+    loader = make_loader(_ImageList(job.paths, pre), num_workers=num_workers,
+                         batch_sampler=batches, what="images to embed")
+    sink = _ShardSink(job)
+    bar = tqdm(total=batches.num_images(), desc="embedding", unit="img", disable=not progress)
+    try:
+        with torch.no_grad():
+            for images, ok, index, errors in loader:
+                ok = torch.as_tensor(ok, dtype=torch.bool)
+                idx = [int(j) for j in index]
+                emb = reg = None
+                if ok.any():
+                    x = to_model_input(images[ok].to(dev, non_blocking=dev.type == "cuda"),
+                                       model.image_size)
+                    if job.regions:
+                        f, r = model.encoder.forward_with_regions(x)
+                        reg = r.float().cpu().numpy()
+                    else:
+                        f = model.encoder(x)
+                    emb = f.float().cpu().numpy()
+                sink.add(idx[0] // job.shard_size, idx, ok.tolist(), list(errors), emb, reg)
+                bar.update(len(idx))
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        bar.close()
+    return skipped
 
 
-def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
-def _finalize(
-    out: Path, manifest: dict[str, Any], n_shards: int, shard_files: Any, paths: list[str],
-    labels: list[str], fmt: str, np_dtype: np.dtype, regions: bool, merge: bool, skipped: int,
-) -> EmbedResult:
-    shards = manifest["shards"]
-    rows = [int(shards[str(i)]["rows"]) for i in range(n_shards)]
-    total = sum(rows)
-    bad = [p for i in range(n_shards) for p in shards[str(i)]["bad"]]
+def _finalize(job: _Job, merge: bool, skipped: int) -> EmbedResult:
+    """Write ``embeddings.csv``, ``bad_files.txt`` and (with ``merge``) the merged arrays."""
+    folder, manifest, n_shards = job.folder, job.manifest, job.n_shards
+    total = sum(int(manifest["shards"][str(i)]["rows"]) for i in range(n_shards))
+    bad = [(job.paths[j], reason) for i in range(n_shards)
+           for j, reason in manifest["shards"][str(i)]["bad"]]
     dim = int(manifest.get("dim") or 0)
     if total == 0:
-        raise ValueError(f"none of the {len(paths)} images could be read "
-                         f"(first: {', '.join(bad[:3])})")
-    # combined CSV, streamed shard by shard
-    csv_path = out / "embeddings.csv"
-    tmp = _tmp_path(csv_path)
-    with open(tmp, "w", newline="") as f:
-        f.write("row,path,label\n")
-        row = 0
-        for i in range(n_shards):
-            with open(shard_files(i)[2], newline="") as src:
-                reader = csv.reader(src)
-                next(reader, None)
-                for rec in reader:
-                    f.write(f"{row}," + _csv_row(rec[0], rec[1] if len(rec) > 1 else "") + "\n")
-                    row += 1
-    _fsync_replace(tmp, csv_path)
+        raise ValueError(f"none of the {len(job.paths)} images could be read (first: "
+                         f"{', '.join(f'{p} ({r})' for p, r in bad[:3])})")
+    with folder.writing("embeddings.csv") as tmp, _open_csv(tmp, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "path", "label"])
+        rows = (j for i in range(n_shards) for j in job.rows(i))
+        w.writerows([r, job.paths[j], job.labels[j]] for r, j in enumerate(rows))
     bad_path = None
     if bad:
-        bad_path = out / "bad_files.txt"
-        _write_text(bad_path, "\n".join(bad) + "\n")
+        bad_path = folder.write_text(
+            "bad_files.txt", "".join(f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in bad),
+            errors=CSV_ERRORS)
         log.warning("skipped %d unreadable image(s) (listed in %s), first: %s", len(bad),
-                    bad_path, ", ".join(bad[:3]))
+                    bad_path, ", ".join(p for p, _ in bad[:3]))
+    elif folder.path("bad_files.txt").exists():
+        folder.remove(["bad_files.txt"])  # left by an earlier run; every image is readable now
+    names = [_shard_names(i, job.ext) for i in range(n_shards)]
     emb_path = reg_path = None
     if merge:
-        ext = {"npy": ".npy", "pt": ".pt", "safetensors": ".safetensors"}[fmt]
-        emb_path = out / f"embeddings{ext}"
-        _merge([shard_files(i)[0] for i in range(n_shards)], emb_path, fmt, "embeddings",
-               (total, dim), np_dtype)
-        if regions:
-            reg_path = out / "regions.npy"
+        emb_path = folder.path(f"embeddings{job.ext}")
+        _merge(folder, [n[0] for n in names], emb_path.name, job.fmt, "embeddings", (total, dim),
+               job.np_dtype)
+        if job.regions:
+            reg_path = folder.path("regions.npy")
             tokens = int(manifest.get("tokens") or 0)
-            _merge([shard_files(i)[1] for i in range(n_shards)], reg_path, "npy", "regions",
-                   (total, tokens, dim), np_dtype)
-    return EmbedResult(out, total, len(bad), dim, emb_path, reg_path, csv_path, bad_path,
-                       [shard_files(i)[0] for i in range(n_shards)], skipped)
-
-
-def _merge(parts: list[Path], final: Path, fmt: str, key: str, shape: tuple[int, ...],
-           np_dtype: np.dtype) -> None:
-    if fmt == "npy":
-        tmp = _tmp_path(final)
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
-        row = 0
-        for p in parts:
-            src = np.load(p, mmap_mode="r")
-            for s in range(0, len(src), _COPY_ROWS):
-                block = src[s:s + _COPY_ROWS]
-                dst[row:row + len(block)] = block
-                row += len(block)
-            del src
-        dst.flush()
-        del dst
-        _fsync_replace(tmp, final)
-        return
-    arrays = [a for a in (_load_array(p, fmt, key) for p in parts) if len(a)]
-    _save_array(np.concatenate(arrays).astype(np_dtype, copy=False), final, fmt, key)
+            _merge(folder, [n[1] for n in names], "regions.npy", "npy", "regions",
+                   (total, tokens, dim), job.np_dtype)
+    return EmbedResult(folder.root, total, len(bad), dim, emb_path, reg_path,
+                       folder.path("embeddings.csv"), bad_path,
+                       [folder.path(n[0]) for n in names], skipped)
 
 
 class _CallableModule(types.ModuleType):

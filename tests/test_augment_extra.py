@@ -74,3 +74,15 @@ def test_bad_specs_are_one_line_errors(spec: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match) as e:
         _aug(extra_global=[spec])
     assert "\n" not in str(e.value) and "augment.extra_global" in str(e.value)
+
+
+def test_config_keys_reach_the_training_run(tmp_path) -> None:
+    from esvit.config import ConfigError, load_config
+    from esvit.train.loop import train
+
+    cfg = load_config("debug_cpu", ["augment.extra_global=[{op: RandomErasing, p: 1.0}]",
+                                    "augment.extra_local=[{op: RandomAffine, degrees: 15.0}]",
+                                    f"logging.output_dir={tmp_path}", "logging.wandb=disabled"])
+    assert train(cfg, max_steps=2).step == 2
+    with pytest.raises(ConfigError, match="augment.extra_local: 'RandomAfine' .* closest: RandomAffine"):
+        load_config("debug_cpu", ["augment.extra_local=[{op: RandomAfine}]"])

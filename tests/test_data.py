@@ -108,6 +108,54 @@ def test_scan_symlink_loop_terminates(tmp_path: Path) -> None:
     assert classes == ["a", "b"] and labels == [0, 1]
 
 
+def test_scan_skips_fifos_sockets_and_devices_without_opening_them(tmp_path: Path, monkeypatch,
+                                                                    caplog) -> None:
+    import builtins
+    import signal
+    import socket
+
+    _save(tmp_path / "cls" / "a.png", _rgb())
+    special = {"pipe.png": "FIFO", "sock.jpg": "socket", "null.jpg": "character device"}
+    os.mkfifo(tmp_path / "cls" / "pipe.png")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "cls" / "sock.jpg"))
+    os.symlink("/dev/null", tmp_path / "cls" / "null.jpg")
+    os.symlink(tmp_path / "missing.png", tmp_path / "cls" / "gone.png")  # fails fast: kept
+    opened: list[str] = []
+    real_open, real_os_open = builtins.open, os.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    monkeypatch.setattr(folder_mod.os, "open", lambda f, *a, **k: opened.append(str(f)) or real_os_open(f, *a, **k))
+
+    def hung(signum, frame):
+        raise TimeoutError("scan blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with caplog.at_level(logging.WARNING, logger="esvit.data"):
+            paths, labels, classes = scan_image_folder(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        server.close()
+    assert [Path(p).name for p in paths] == ["a.png", "gone.png"] and labels == [0, 0]
+    for name, kind in special.items():
+        assert f"{tmp_path / 'cls' / name} ({kind})" in caplog.text
+        assert not any(o.endswith(name) for o in opened)
+    assert "skipped 3 image-named entries that are not regular files" in caplog.text
+
+
+def test_check_regular_file_names_the_type(tmp_path: Path) -> None:
+    from esvit.data.folder import check_regular_file
+
+    os.mkfifo(tmp_path / "p.png")
+    with pytest.raises(BadImageError, match=r"not a regular file \(FIFO\): not opened"):
+        check_regular_file(tmp_path / "p.png")
+    _save(tmp_path / "ok.png", _rgb())
+    check_regular_file(tmp_path / "ok.png")  # regular: fine
+    check_regular_file(tmp_path / "missing.png")  # missing: left to the decoder
+
+
 def test_scan_follows_directory_symlinks(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     _save(outside / "o.png", _rgb())
@@ -727,3 +775,14 @@ def test_real_cifar10_folder() -> None:
     for i in (0, 12_345, 49_999):
         img, label, st = ds[i]
         assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and st.ok and label == labels[i]
+
+
+def test_decode_never_opens_a_fifo_named_directly(tmp_path: Path) -> None:
+    """A list file naming a FIFO reaches the decoder: it is refused by stat, not opened (no hang)."""
+    from esvit.data.decode import BadImageError, load_canvas, load_image
+
+    fifo = tmp_path / "named.jpg"
+    os.mkfifo(fifo)
+    for decode in (lambda: load_image(fifo, 32), lambda: load_canvas(fifo, 32)):
+        with pytest.raises(BadImageError, match="not a regular file"):
+            decode()

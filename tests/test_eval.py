@@ -301,14 +301,24 @@ def test_linear_probe_sgd_flip_and_augment(folder, ckpt):
 
 def test_knn_eval_api(folder, ckpt, tmp_path):
     import esvit.eval
+    from esvit.eval.validity import MeaninglessEvaluationError
 
-    res = esvit.eval.knn(ckpt, folder, val_split=3, ks=(1, 5, 200), output_dir=tmp_path,
+    res = esvit.eval.knn(ckpt, folder, val_split=3, ks=(1, 5, 21), output_dir=tmp_path,
                          progress=False)
-    assert set(res["knn"]) == {"1", "5", "200"} and res["n_train"] == 21
+    assert set(res["knn"]) == {"1", "5", "21"} and res["n_train"] == res["n_bank"] == 21
     assert res["knn"]["1"]["top1"] >= 85.0
     assert "top5" not in res["knn"]["1"]  # 3 classes only
     saved = json.loads((tmp_path / "knn_results.json").read_text())
     assert saved["knn"] == res["knn"] and saved["preprocess"]["protocol"] == "resize"
+    # what the numbers were computed on
+    assert saved["protocol"] == "knn" and saved["n_val"] == 9 and saved["num_classes"] == 3
+    assert saved["chance"] == {"top1": pytest.approx(100 / 3)} and saved["ks"] == [1, 5, 21]
+    assert saved["val_in_bank"] == 0 and saved["flags"][0].startswith("tiny validation set: 9")
+    # k larger than the bank is refused, not clipped
+    with pytest.raises(MeaninglessEvaluationError, match=r"k=200 is larger than the bank \(21"):
+        esvit.eval.knn(ckpt, folder, val_split=3, ks=(1, 200), progress=False)
+    # default ks: those that fit the bank
+    assert list(esvit.eval.knn(ckpt, folder, val_split=3, progress=False)["knn"]) == ["10", "20"]
 
 
 # ----------------------------------------------------------------------------- CLIs
@@ -323,7 +333,12 @@ def test_cli_linear_smoke(folder, ckpt, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "val  top-1" in printed and "train  top-1" in printed
-    assert json.loads((out / "linear_results.json").read_text())["n_val"] == 9
+    assert ("(9 images, 3 classes, chance top-1 33.33%; linear lbfgs, none mode on 21 training "
+            "images)") in printed
+    assert "warning: tiny validation set: 9 images" in printed
+    saved = json.loads((out / "linear_results.json").read_text())
+    assert saved["n_val"] == 9 and saved["protocol"] == "linear"
+    assert saved["chance"]["val"] == {"top1": pytest.approx(100 / 3)}
     assert (out / "linear_classifier.pt").is_file()
 
 
@@ -335,8 +350,15 @@ def test_cli_knn_smoke(folder, ckpt, capsys):
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("k=   1  top-1 100.00%") and lines[1].startswith("k=   3")
+    # every printed number says what it was computed on
+    assert lines[0].endswith("(weighted kNN, T=0.07: 30 val images, bank 30 images, 3 classes; "
+                             "chance top-1 33.33%)")
+    # the same folder as bank and queries: flagged (each query finds itself)
+    assert any(line.startswith("warning: 30 of 30 validation images are also bank images")
+               for line in lines)
     saved = json.loads((ckpt.parent / "knn_eval" / "knn_results.json").read_text())
     assert saved["knn"]["1"]["top1"] == pytest.approx(100.0) and saved["n_val"] == 30
+    assert saved["val_in_bank"] == 30 and saved["written_by"] == "esvit-knn"
 
 
 def test_cli_errors_are_one_line(folder, ckpt, tmp_path, capsys):

@@ -43,3 +43,12 @@ def test_wheel_carries_recipes_and_py_typed(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "esvit/py.typed" in names
     assert {f"esvit/configs/{n}.yaml" for n in list_configs()} <= names
+
+
+def test_defaults_are_a_coherent_photo_recipe() -> None:
+    """No --config: 224/96 crops on a backbone made for them (not a CIFAR stem at 224 px)."""
+    from esvit.config import load_config
+
+    cfg = load_config(None)
+    assert cfg.model.backbone == "resnet18" and (cfg.augment.global_size, cfg.augment.local_size) == (224, 96)
+    assert cfg.data.resize_mode == "letterbox" and cfg.data.canvas_size >= 448

@@ -64,7 +64,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
     before = good.last_checkpoint.read_bytes()
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train(cfg(tmp_path, "optim.epochs=4", "optim.lr=1e30", "optim.warmup_epochs=0", "optim.clip_grad=0"),
-              resume="auto")
+              resume="auto", allow_config_change=True)  # the changed LR is accepted explicitly
     assert ckpt.list_checkpoints(tmp_path) == [good.last_checkpoint]
     assert good.last_checkpoint.read_bytes() == before
 

@@ -18,13 +18,23 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_cli(main: Callable[[], int | None], known_errors: tuple[type[BaseException], ...]) -> int:
-    """Run ``main``; print known user errors as one line (``error: ...``) and return 2."""
+    """Run ``main``; print a known error as one line and return its exit code.
+
+    The line is ``<label>: <message>`` (label ``error``, or ``stopped`` for a preemption); the
+    exit code is the error's ``exit_code`` (see :mod:`esvit.run.errors`: 74 unwritable output,
+    75 output directory locked, 124 stalled loader, 128 + signal after a graceful stop), else 2.
+    A Ctrl-C outside a run's own handling is ``interrupted`` and exit code 130.
+    """
     try:
         return main() or 0
     except known_errors as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)
+        print(f"{getattr(e, 'label', 'error')}: {msg}", file=sys.stderr)
+        return code if isinstance(code, int) and not isinstance(code, bool) else 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def add_preprocess_arg(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+COMMAND = "esvit-correspondence"
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``esvit-correspondence``."""
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", help="JSON output (default: <checkpoint dir>/correspondence.json; stdout only "
-                                 "with --random)")
+                                 "with --random); an existing file is replaced only if "
+                                 "esvit-correspondence wrote it")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         from esvit.eval.correspondence import measure_correspondence
+        from esvit.eval.outputs import check_replaceable_json, write_owned_json
 
+        out = args.out or (None if args.random else str(Path(args.checkpoint).parent / "correspondence.json"))
+        if out:
+            check_replaceable_json(out, COMMAND)  # refuse before the measurement, not after
         if args.random:
             if not args.backbone:
                 raise ValueError("--random needs --backbone NAME (see esvit.list_backbones())")
@@ -73,20 +79,20 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, per_image=args.per_image,
         )
         g = res["grid"]
-        print(f"{res['images']} images, {g[0]}x{g[1]} tokens (chance {100 * res['chance']:.1f}%): "
-              f"accuracy all {100 * res['accuracy_all']:.1f}%, top-{res['settings']['top_k']} "
-              f"{100 * res['accuracy_topk']:.1f}%, distance {res['distance_all']:.2f} tokens")
-        out = args.out or (None if args.random else str(Path(args.checkpoint).parent / "correspondence.json"))
+        print(f"accuracy all {100 * res['accuracy_all']:.1f}%, top-{res['settings']['top_k']} "
+              f"{100 * res['accuracy_topk']:.1f}%, distance {res['distance_all']:.2f} tokens "
+              f"(flip correspondence on {res['images']} images, {g[0]}x{g[1]} = {res['n_tokens']} "
+              f"tokens each; chance {100 * res['chance']:.1f}%)")
+        for flag in res["flags"]:
+            print(f"warning: {flag}")
         if out:
-            from esvit.eval.features import write_json
-
-            write_json(res, out)
+            write_owned_json(out, res, COMMAND)
             print(f"results: {out}")
         else:
             print(json.dumps({k: v for k, v in res.items() if k != "per_image"}))
         return 0
 
-    return run_cli(_run, known_errors())
+    return run_cli(_run, (*known_errors(), TimeoutError))  # TimeoutError: stalled decoding
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ Resume:    --resume auto (latest checkpoint in logging.output_dir).
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the distillation CLI."""
+    from esvit.run.errors import EXIT_CODES_HELP
+
     p = argparse.ArgumentParser(prog="esvit-distill",
-                                description="Distil a frozen teacher into a student classifier (KD, DKD, DIST, DeiT).")
+                                description="Distil a frozen teacher into a student classifier (KD, DKD, DIST, DeiT).",
+                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/distill_*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kind=dkd")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="shortcut for teacher.checkpoint=...")
     p.add_argument("--output-dir", help="shortcut for logging.output_dir=...")
     p.add_argument("--resume", help="'auto' (latest checkpoint in the output dir) or a checkpoint path")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the config or the run's facts (batch split, steps per epoch, data set) "
+                        "differ from the checkpoint's; the differences are logged")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -75,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             validate_distill(cfg)
         except ConfigError as e:
             raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
-        res = distill(cfg, resume=args.resume, max_steps=args.max_steps)
+        res = distill(cfg, resume=args.resume, max_steps=args.max_steps,
+                      allow_config_change=args.allow_config_change)
         print(f"done: {res.step} steps, last checkpoint {res.last_checkpoint}")
         if res.results:
             _print_results(res.results)
@@ -83,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from esvit.config import ConfigError
-    from esvit.distill.train import NonFiniteLossError
+    from esvit.run.errors import RunError
     from esvit.train.checkpoint import CheckpointError
 
-    return run_cli(_run, (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError,
-                          NotADirectoryError, ValueError, RuntimeError))
+    # RunError: preempted, locked or unwritable output, resume mismatch, NaN, stalled loader (own exit codes)
+    return run_cli(_run, (RunError, ConfigError, CheckpointError, OSError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10000, help="images per resumable shard")
     p.add_argument("--no-merge", action="store_true", help="keep per-shard files only")
     p.add_argument("--overwrite", action="store_true",
-                   help="discard an extraction made with other settings in --out")
+                   help="discard an extraction made with other settings in --out (only files "
+                        "esvit-embed recorded writing there are deleted; a folder holding other "
+                        "files is refused)")
     return p
 
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {res.num_bad} unreadable image(s): see {res.bad_files}")
         return 0
 
-    return run_cli(_run, known_errors())
+    return run_cli(_run, (*known_errors(), TimeoutError))  # TimeoutError: stalled decoding
 
 
 if __name__ == "__main__":

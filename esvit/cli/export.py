@@ -46,18 +46,24 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """User errors reported as one ``error: ...`` line with exit code 2."""
     from esvit.train.checkpoint import CheckpointError
 
-    return (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+    return (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError,
+            TimeoutError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``esvit-export``."""
     p = argparse.ArgumentParser(
         prog="esvit-export",
-        description="Export the teacher (or student) backbone of a checkpoint as a state_dict "
-                    "loadable with strict=True by the matching torchvision model.",
+        description="Export the teacher (or student) backbone of a checkpoint as safetensors, a plain "
+                    "state dict (loads with strict=True into the matching torchvision / timm model), "
+                    "ONNX or TorchScript, with a JSON card beside it.",
     )
     add_backbone_args(p, features=False)
-    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--out", required=True,
+                   help="output file: .safetensors, .pt (plain state dict), .onnx or .ts (TorchScript); "
+                        "a JSON card with the constructor, input size and normalisation is written beside it")
+    p.add_argument("--format", choices=("safetensors", "pt", "onnx", "torchscript"),
+                   help="export format (default: from the --out extension; a mismatch is an error)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from esvit.export import export_backbone
 
         out = export_backbone(args.checkpoint, args.out, checkpoint_key=args.key,
-                              backbone=args.backbone)
+                              backbone=args.backbone, fmt=args.format)
         print(f"exported {args.key} backbone to {out}")
         return 0
 

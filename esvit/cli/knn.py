@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_args(p)
     add_preprocess_arg(p)
     add_split_args(p)
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
+    p.add_argument("--ks", type=int, nargs="+",
+                   help="neighbour counts, each at most the bank size (default: 10 20 100 200, "
+                        "those larger than the bank dropped)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
     p.add_argument("--output-dir",
@@ -43,21 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def _run() -> int:
-        from esvit.eval.knn import knn_eval
+        from esvit.eval.knn import describe_knn, knn_eval
 
         out_dir = args.output_dir or str(Path(args.checkpoint).parent / "knn_eval")
         res = knn_eval(args.checkpoint, args.train, args.val, val_split=args.val_split,
-                       ks=tuple(args.ks), temperature=args.temperature,
+                       ks=tuple(args.ks) if args.ks else None, temperature=args.temperature,
                        batch_size=args.batch_size, output_dir=out_dir,
                        cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args))
-        for k, acc in res["knn"].items():
-            top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
-            print(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}")
+        for line in describe_knn(res):
+            print(line)
         print(f"preprocessing: {describe_preprocess(res['preprocess'])}")
         print(f"results: {Path(out_dir) / 'knn_results.json'}")
         return 0
 
-    return run_cli(_run, known_errors())
+    return run_cli(_run, (*known_errors(), TimeoutError))  # TimeoutError: stalled decoding
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def _run() -> int:
-        from esvit.eval.linear import linear_probe
+        from esvit.eval.linear import describe_linear, linear_probe
 
         out_dir = args.output_dir or str(Path(args.checkpoint).parent / "linear_eval")
         res = linear_probe(
@@ -56,15 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, l2=args.l2, max_iter=args.max_iter, seed=args.seed,
             cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args),
         )
-        for split in ("train", "val"):
-            acc = res[split]
-            top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
-            print(f"{split:>5}  top-1 {acc['top1']:6.2f}%{top5}  ({res['n_' + split]} images)")
+        for line in describe_linear(res):
+            print(line)
         print(f"preprocessing: {describe_preprocess(res['preprocess'])}")
         print(f"results: {Path(out_dir) / 'linear_results.json'}")
         return 0
 
-    return run_cli(_run, known_errors())
+    return run_cli(_run, (*known_errors(), TimeoutError))  # TimeoutError: stalled decoding
 
 
 if __name__ == "__main__":

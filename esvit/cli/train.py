@@ -20,7 +20,10 @@ Multi-GPU: torchrun --nproc_per_node=8 train_ssl.py --config ...
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the training CLI."""
-    p = argparse.ArgumentParser(prog="esvit-train", description="EsViT self-supervised pretraining.")
+    from esvit.run.errors import EXIT_CODES_HELP
+
+    p = argparse.ArgumentParser(prog="esvit-train", description="EsViT self-supervised pretraining.",
+                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shortcut for data.path=... (an image folder)")
     p.add_argument("--output-dir", help="shortcut for logging.output_dir=...")
     p.add_argument("--resume", help="'auto' (latest checkpoint in the output dir) or a checkpoint path")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the config or the run's facts (batch split, steps per epoch, data set) "
+                        "differ from the checkpoint's; the differences are logged")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -53,16 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.kind == "folder" and not cfg.data.path:
             print(NO_DATA_HELP, file=sys.stderr)
             return 2
-        res = train(cfg, resume=args.resume, max_steps=args.max_steps)
+        res = train(cfg, resume=args.resume, max_steps=args.max_steps,
+                    allow_config_change=args.allow_config_change)
         print(f"done: {res.step} steps, last checkpoint {res.last_checkpoint}")
         return 0
 
     from esvit.config import ConfigError
+    from esvit.run.errors import RunError
     from esvit.train.checkpoint import CheckpointError
-    from esvit.train.loop import NonFiniteLossError
 
-    return run_cli(_run, (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError,
-                          FileExistsError, ValueError, RuntimeError))
+    # RunError: preempted, locked or unwritable output, resume mismatch, NaN, stalled loader (own exit codes)
+    return run_cli(_run, (RunError, ConfigError, CheckpointError, OSError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

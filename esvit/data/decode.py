@@ -342,6 +342,9 @@ def decode_image(
     Raises:
         Exception: Whatever PIL raises (callers turn it into :class:`BadImageError`).
     """
+    from esvit.data.folder import check_regular_file  # here: folder imports this module
+
+    check_regular_file(path)  # a FIFO / device named in a list file could block forever: never opened
     with warnings.catch_warnings():
         # Between MAX_IMAGE_PIXELS and twice that PIL only warns; keep workers' stderr quiet.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -33,6 +33,7 @@ import csv
 import logging
 import operator
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, overload
 
@@ -56,6 +57,8 @@ __all__ = [
     "ImageFolderDataset",
     "PathTable",
     "SampleStatus",
+    "check_regular_file",
+    "file_kind",
     "read_image_list",
     "scan_image_folder",
 ]
@@ -95,55 +98,54 @@ def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return exts
 
 
-def scan_image_folder(
-    root: str | os.PathLike[str],
-    extensions: Iterable[str] = IMG_EXTENSIONS,
-) -> tuple[list[str], list[int] | None, list[str]]:
-    """Find the images under ``root`` (recursively) or listed in a ``.txt``/``.csv`` list file.
+def file_kind(mode: int) -> str:
+    """Human name of the file type in an ``st_mode`` (``"FIFO"``, ``"socket"``, ...)."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"
 
-    The walk uses ``os.scandir`` and its cached entry types, so files cost no ``stat`` call;
-    only directories are stat'ed, to follow directory symlinks without looping (each directory
-    ``(st_dev, st_ino)`` is entered once). Names starting with ``.`` are skipped (e.g. macOS
-    ``._x.jpg`` files). Subdirectories that cannot be listed are skipped with a warning.
 
-    Labels: when no image sits directly in ``root``, every first-level subfolder is a class
-    (sorted names, like ``torchvision.datasets.ImageFolder``; deeper nesting is fine, and an
-    empty class folder keeps its index but is warned about). When images sit directly in
-    ``root`` the data set is unlabeled: ``labels`` is None and ``classes`` is empty. List files
-    are described in :func:`read_image_list`.
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~esvit.data.decode.BadImageError` when ``path`` is not a regular file.
 
-    Args:
-        root: Image folder, or a ``.txt``/``.csv`` list file.
-        extensions: Accepted file suffixes, case-insensitive (folders only).
-
-    Returns:
-        ``(paths, labels, classes)``: absolute file paths in sorted (deterministic) order,
-        a class index per path or None, and the class names.
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist.
-        NotADirectoryError: ``root`` is a file that is not a ``.txt``/``.csv`` list.
-        ValueError: No image found.
+    Opening a FIFO, a socket or a device can block forever, so such inputs are named and never
+    opened: the check is one ``os.stat`` (which follows symlinks and opens nothing). A missing
+    or unreadable path is left to the decoder, which reports it.
     """
-    root_str = os.fspath(root)
-    exts = _normalise_extensions(extensions)
-    if os.path.isfile(root_str):
-        if root_str.lower().endswith(LIST_SUFFIXES):
-            return read_image_list(root_str)
-        raise NotADirectoryError(
-            f"{root_str!r} is a file: expected an image folder or a list file ending in "
-            f"{' / '.join(LIST_SUFFIXES)}"
-        )
-    if not os.path.isdir(root_str):
-        raise FileNotFoundError(f"image folder not found: {root_str!r}")
-    root_abs = os.path.abspath(root_str)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImageError(os.fspath(path), f"not a regular file ({file_kind(st.st_mode)}): "
+                                             "not opened, it could block")
 
+
+def _warn_special(skipped: list[str]) -> None:
+    if skipped:
+        log.warning("skipped %d image-named entr%s that %s not regular files (never opened: "
+                    "reading a FIFO, socket or device can block): %s%s", len(skipped),
+                    "y" if len(skipped) == 1 else "ies", "is" if len(skipped) == 1 else "are",
+                    "; ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
+
+
+def _walk_images(root_abs: str, exts: tuple[str, ...]) -> tuple[list[str], list[str | None], list[str]]:
+    """``(paths, first-level folder of each path or None, first-level folders)`` under a root.
+
+    See :func:`scan_image_folder` for the rules (hidden names, symlink loops, unreadable
+    folders, non-regular files).
+    """
     st = os.stat(root_abs)
     visited = {(st.st_dev, st.st_ino)}
     paths: list[str] = []
     tops: list[str | None] = []  # first-level folder of each path, None for files in root
     top_dirs: list[str] = []
     stack: list[tuple[str, str | None]] = [(root_abs, None)]
+    special: list[str] = []  # image-named entries that are not regular files
     while stack:
         directory, top = stack.pop()
         try:
@@ -178,10 +180,70 @@ def scan_image_folder(
                             top_dirs.append(name)
                         stack.append((entry.path, name if top is None else top))
                     elif name.lower().endswith(exts):
+                        kind = _special_kind(entry)
+                        if kind:
+                            special.append(f"{entry.path} ({kind})")
+                            continue
                         paths.append(entry.path)
                         tops.append(top)
         except OSError as e:
             log.warning("stopped listing %s part-way (%s)", directory, e)
+    _warn_special(special)
+    return paths, tops, top_dirs
+
+
+def scan_image_folder(
+    root: str | os.PathLike[str],
+    extensions: Iterable[str] = IMG_EXTENSIONS,
+) -> tuple[list[str], list[int] | None, list[str]]:
+    """Find the images under ``root`` (recursively) or listed in a ``.txt``/``.csv`` list file.
+
+    The walk uses ``os.scandir`` and its cached entry types, so files cost no ``stat`` call;
+    only directories are stat'ed, to follow directory symlinks without looping (each directory
+    ``(st_dev, st_ino)`` is entered once). Names starting with ``.`` are skipped (e.g. macOS
+    ``._x.jpg`` files). Subdirectories that cannot be listed are skipped with a warning.
+    Image-named entries that are not regular files (FIFOs, sockets, devices, also behind a
+    symlink) are skipped with a warning naming them and their type: they are never opened,
+    since reading a FIFO or a device can block forever. The check is the entry's cached type,
+    and ``stat.S_ISREG`` of an ``os.stat`` for the others (broken symlinks stay listed: opening
+    them fails at once, and they are reported as bad images).
+
+    Labels: when no image sits directly in ``root``, every first-level subfolder is a class
+    (sorted names, like ``torchvision.datasets.ImageFolder``; deeper nesting is fine, and an
+    empty class folder keeps its index but is warned about). When images sit directly in
+    ``root`` the data set is unlabeled: ``labels`` is None and ``classes`` is empty. List files
+    are described in :func:`read_image_list`.
+
+    Args:
+        root: Image folder, or a ``.txt``/``.csv`` list file.
+        extensions: Accepted file suffixes, case-insensitive (folders only).
+
+    Returns:
+        ``(paths, labels, classes)``: absolute file paths in sorted (deterministic) order,
+        a class index per path or None, and the class names.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file that is not a ``.txt``/``.csv`` list.
+        ValueError: No image found.
+    """
+    root_str = os.fspath(root)
+    exts = _normalise_extensions(extensions)
+    if os.path.isfile(root_str):
+        if root_str.lower().endswith(LIST_SUFFIXES):
+            return read_image_list(root_str)
+        raise NotADirectoryError(
+            f"{root_str!r} is a file: expected an image folder or a list file ending in "
+            f"{' / '.join(LIST_SUFFIXES)}"
+        )
+    if not os.path.isdir(root_str):
+        if os.path.exists(root_str):
+            raise NotADirectoryError(f"{root_str!r} is a {file_kind(os.stat(root_str).st_mode)}, "
+                                     "not an image folder or a list file: not opening it")
+        raise FileNotFoundError(f"image folder not found: {root_str!r}")
+    root_abs = os.path.abspath(root_str)
+
+    paths, tops, top_dirs = _walk_images(root_abs, exts)
 
     if not paths:
         raise ValueError(f"no images found in {root_abs!r} (accepted extensions, case-insensitive: "
@@ -203,6 +265,22 @@ def scan_image_folder(
     return paths, labels, classes
 
 
+def _special_kind(entry: os.DirEntry[str]) -> str:
+    """The type of an entry that exists but is not a regular file (``""`` otherwise).
+
+    Regular files cost nothing (the cached directory-entry type); other entries one ``stat``
+    (following symlinks). Nothing is opened. A symlink that cannot be followed (broken, a
+    loop) is not special: opening it fails at once, and the decoder reports it as a bad image.
+    """
+    try:
+        if entry.is_file():
+            return ""
+        mode = entry.stat().st_mode
+    except OSError:
+        return ""
+    return "" if stat.S_ISREG(mode) else file_kind(mode)
+
+
 def read_image_list(list_path: str | os.PathLike[str]) -> tuple[list[str], list[int] | None, list[str]]:
     """Read a list file: one image per line, ``path`` or ``path,label`` (CSV quoting allowed).
 
@@ -210,8 +288,9 @@ def read_image_list(list_path: str | os.PathLike[str]) -> tuple[list[str], list[
     ``#`` are skipped, as is a first line whose path field is a header word (``path``, ``file``,
     ``filename``, ``image``, ``img``). Either every entry has a label or none does. Integer
     labels are used as class indices (``classes`` = ``["0", ..., str(max)]``); other labels are
-    class names, indexed in sorted order. Listed files are not checked here: missing ones are
-    bad images at load time.
+    class names, indexed in sorted order. Listed files are not checked here (a million
+    ``stat`` calls on a network file system): missing ones, and ones that are not regular files
+    (:func:`check_regular_file`, never opened), are bad images at load time.
 
     Returns:
         ``(paths, labels or None, classes)`` in file order.

@@ -5,8 +5,11 @@
 * :mod:`esvit.distill.deit`: the DeiT distillation-token ViT, conversion back to a plain ViT,
   and student classifiers for any registry backbone;
 * :mod:`esvit.distill.config`: the run configuration (YAML + dotted overrides);
-* :mod:`esvit.distill.train`: teachers, augmentation, evaluation and the training loop
-  (:func:`distill`), used by ``esvit-distill`` / ``distill.py``.
+* :mod:`esvit.distill.data`, :mod:`esvit.distill.augment`, :mod:`esvit.distill.teachers`,
+  :mod:`esvit.distill.evaluate`, :mod:`esvit.distill.exports`: the splits, the on-device
+  augmentation, the frozen teachers, validation and the files a run writes;
+* :mod:`esvit.distill.train`: the training loop (:func:`distill`) on the shared run engine
+  (:mod:`esvit.run`), used by ``esvit-distill`` / ``distill.py``.
 """
 
 from esvit.distill.config import DistillConfig, load_distill_config, validate_distill

@@ -1,8 +1,10 @@
 """Configuration of knowledge-distillation runs (dataclasses, YAML, dotted overrides).
 
-Loaded with :func:`esvit.config.load_yaml_config` like the pretraining config: an unknown key
-or a wrong type is a :class:`~esvit.config.ConfigError` naming the dotted key, and
-:func:`validate_distill` checks ranges and cross-field constraints.
+Loaded with :func:`esvit.config.load_yaml_config` like the pretraining config: an unknown or
+duplicate key or a wrong type is a :class:`~esvit.config.ConfigError` naming the dotted key, and
+:func:`validate_distill` checks every key against its range table (``*_RANGES``, one per
+dataclass, below it) and the constraints between keys (:data:`DISTILL_LINKS`); ``docs/config.md``
+is generated from the same tables.
 """
 
 from __future__ import annotations
@@ -12,14 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from esvit.config import (
+    AMP,
+    CHECKPOINT_RANGES,
+    FLAG,
+    LOGGING_RANGES,
+    MAPPING,
+    PROB,
+    RUN_RANGES,
     CheckpointConfig,
-    ConfigError,
+    Link,
     LoggingConfig,
-    check_ranges,
+    Ranges,
+    check_config,
+    choice,
     load_yaml_config,
+    num,
+    pair,
+    peak_lr,
+    text,
 )
 
 __all__ = [
+    "DISTILL_LINKS",
+    "DISTILL_RANGES",
     "LOSS_KINDS",
     "TEACHER_KINDS",
     "DistillAugmentConfig",
@@ -41,6 +58,10 @@ TEACHER_MODES = ("online", "cached")
 LOSS_KINDS = ("ce", "kd", "dkd", "dist", "deit_soft", "deit_hard")
 DATA_KINDS = ("folder", "synthetic", "cifar10", "cifar100")
 
+KD_TEMPERATURE = num(0, 100, lo_open=True, why="softens the logits; beyond 100 any classifier's softmax is "
+                                                "uniform, inf gives a constant loss")
+WEIGHT = num(0, why="a loss weight")
+
 
 @dataclass
 class StudentConfig:
@@ -55,6 +76,14 @@ class StudentConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     deit: bool = False
     init_checkpoint: str | None = None
+
+
+STUDENT_RANGES: Ranges = {
+    "backbone": text(why="a registered backbone name, checked when the model is built"),
+    "backbone_kwargs": MAPPING,
+    "deit": FLAG,
+    "init_checkpoint": text(null="random initialisation"),
+}
 
 
 @dataclass
@@ -93,12 +122,31 @@ class TeacherConfig:
     mode: str = "online"
 
 
+TEACHER_RANGES: Ranges = {
+    "kind": choice(*TEACHER_KINDS),
+    "checkpoint": text(null="none: required for the linear and classifier kinds"),
+    "checkpoint_key": choice("teacher", "student"),
+    "backbone": text(null="the recorded backbone"),
+    "backbone_kwargs": MAPPING,
+    "linear_head": text(null="<checkpoint dir>/linear_eval/linear_classifier.pt"),
+    "arch": text(null="none: required for the torchvision kind"),
+    "arch_kwargs": MAPPING,
+    "weights": text(null="none: random weights only with random_init"),
+    "random_init": FLAG,
+    "image_size": num(8, null="the recorded size, else augment.image_size", why="pixels"),
+    "mode": choice(*TEACHER_MODES),
+}
+
+
 @dataclass
 class KDParams:
     """Hinton KD: ``alpha * CE + (1 - alpha) * T^2 * KL``."""
 
     alpha: float = 0.5
     temperature: float = 4.0
+
+
+KD_RANGES: Ranges = {"alpha": PROB, "temperature": KD_TEMPERATURE}
 
 
 @dataclass
@@ -112,6 +160,10 @@ class DKDParams:
     warmup_epochs: float = 0.0
 
 
+DKD_RANGES: Ranges = {"alpha": WEIGHT, "beta": WEIGHT, "temperature": KD_TEMPERATURE, "ce_weight": WEIGHT,
+                      "warmup_epochs": num(0)}
+
+
 @dataclass
 class DISTParams:
     """DIST: ``ce_weight * CE + tau^2 * (beta * inter + gamma * intra)``."""
@@ -122,12 +174,18 @@ class DISTParams:
     ce_weight: float = 1.0
 
 
+DIST_RANGES: Ranges = {"beta": WEIGHT, "gamma": WEIGHT, "tau": KD_TEMPERATURE, "ce_weight": WEIGHT}
+
+
 @dataclass
 class DeiTParams:
     """DeiT: ``(1 - alpha) * CE(cls) + alpha * distill(dist)`` (``tau``: soft only)."""
 
     alpha: float = 0.5
     tau: float = 1.0
+
+
+DEIT_RANGES: Ranges = {"alpha": PROB, "tau": KD_TEMPERATURE}
 
 
 @dataclass
@@ -140,6 +198,9 @@ class DistillLossConfig:
     dkd: DKDParams = field(default_factory=DKDParams)
     dist: DISTParams = field(default_factory=DISTParams)
     deit: DeiTParams = field(default_factory=DeiTParams)
+
+
+LOSS_RANGES: Ranges = {"kind": choice(*LOSS_KINDS), "label_smoothing": num(0, 1, hi_open=True)}
 
 
 @dataclass
@@ -165,6 +226,20 @@ class DistillDataConfig:
     synthetic_classes: int = 10
 
 
+DATA_RANGES: Ranges = {
+    "kind": choice(*DATA_KINDS),
+    "path": text(null="none: for the synthetic and cifar kinds"),
+    "val_path": text(null="data.val_split, else the kind's test split"),
+    "val_split": num(0, why="images per class; 0: none"),
+    "max_train_per_class": num(0, why="0: all"),
+    "canvas_size": num(8, why="pixels"),
+    "num_workers": num(0),
+    "max_bad_fraction": PROB,
+    "synthetic_images": num(1),
+    "synthetic_classes": num(2, why="a classifier needs two classes"),
+}
+
+
 @dataclass
 class DistillAugmentConfig:
     """Training augmentation, batched on the device: random resized crop + flip, normalise."""
@@ -173,6 +248,14 @@ class DistillAugmentConfig:
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     flip: bool = True
+
+
+AUGMENT_RANGES: Ranges = {
+    "image_size": num(8, why="pixels"),
+    "scale": pair(0, 1, lo_open=True, why="fractions of the image area"),
+    "ratio": pair(0, lo_open=True, why="aspect ratios"),
+    "flip": FLAG,
+}
 
 
 @dataclass
@@ -200,6 +283,22 @@ class DistillOptimConfig:
     amp: str = "auto"
 
 
+OPTIM_RANGES: Ranges = {
+    "optimizer": choice("adamw", "sgd"),
+    "epochs": num(1),
+    "total_steps": num(0, why="0: optim.epochs decides"),
+    "cpu_budget_s": num(0, why="seconds; 0: no budget"),
+    "batch_size": num(2, why="BatchNorm needs at least 2 images"),
+    "lr": num(0, lo_open=True, why="per 256 images"),
+    "min_lr": num(0),
+    "warmup_epochs": num(0),
+    "weight_decay": num(0),
+    "momentum": num(0, 1, hi_open=True, why="SGD only; 1 never forgets a gradient"),
+    "clip_grad": num(0, why="0 disables clipping"),
+    "amp": AMP,
+}
+
+
 @dataclass
 class DistillEvalConfig:
     """Validation: every ``every_epochs`` epochs (0: only at the end); ``teacher``: also report
@@ -208,6 +307,9 @@ class DistillEvalConfig:
     every_epochs: int = 0
     batch_size: int = 256
     teacher: bool = True
+
+
+EVAL_RANGES: Ranges = {"every_epochs": num(0, why="0: only at the end"), "batch_size": num(1), "teacher": FLAG}
 
 
 @dataclass
@@ -238,78 +340,58 @@ class DistillConfig:
     device: str = "auto"
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "teacher.kind": TEACHER_KINDS,
-    "teacher.mode": TEACHER_MODES,
-    "teacher.checkpoint_key": ("teacher", "student"),
-    "loss.kind": LOSS_KINDS,
-    "data.kind": DATA_KINDS,
-    "optim.optimizer": ("adamw", "sgd"),
-    "optim.amp": ("auto", "none", "fp16", "bf16"),
-    "logging.wandb": ("disabled", "offline", "online"),
+DISTILL_RANGES: dict[type, Ranges] = {
+    DistillConfig: RUN_RANGES, StudentConfig: STUDENT_RANGES, TeacherConfig: TEACHER_RANGES,
+    DistillLossConfig: LOSS_RANGES, KDParams: KD_RANGES, DKDParams: DKD_RANGES, DISTParams: DIST_RANGES,
+    DeiTParams: DEIT_RANGES, DistillDataConfig: DATA_RANGES, DistillAugmentConfig: AUGMENT_RANGES,
+    DistillOptimConfig: OPTIM_RANGES, DistillEvalConfig: EVAL_RANGES, LoggingConfig: LOGGING_RANGES,
+    CheckpointConfig: CHECKPOINT_RANGES,
 }
-_POSITIVE = (
-    "loss.kd.temperature", "loss.dkd.temperature", "loss.dist.tau", "loss.deit.tau",
-    "data.canvas_size", "data.synthetic_images", "data.synthetic_classes", "augment.image_size",
-    "optim.epochs", "optim.batch_size", "optim.lr", "eval.batch_size", "logging.log_every",
-    "checkpoint.keep_last",
+
+
+def _some_weight(c: DistillConfig, kind: str, *names: str) -> bool:
+    """Unless ``loss.kind`` is ``kind``, or one of its weights ``names`` is > 0."""
+    params = getattr(c.loss, kind)
+    return c.loss.kind != kind or any(getattr(params, n) > 0 for n in names)
+
+
+DISTILL_LINKS: tuple[Link, ...] = (
+    Link("loss.dkd.ce_weight", "> 0, or loss.dkd.alpha or loss.dkd.beta > 0, while loss.kind is dkd (else nothing "
+         "trains)", lambda c: _some_weight(c, "dkd", "alpha", "beta", "ce_weight"),
+         ("loss.dkd.alpha", "loss.dkd.beta")),
+    Link("loss.dkd.warmup_epochs", "<= optim.epochs", lambda c: c.loss.dkd.warmup_epochs <= c.optim.epochs,
+         ("optim.epochs",)),
+    Link("loss.dist.ce_weight", "> 0, or loss.dist.beta or loss.dist.gamma > 0, while loss.kind is dist (else "
+         "nothing trains)", lambda c: _some_weight(c, "dist", "beta", "gamma", "ce_weight"),
+         ("loss.dist.beta", "loss.dist.gamma")),
+    Link("optim.min_lr", "<= the peak LR optim.lr * optim.batch_size / 256",
+         lambda c: c.optim.min_lr <= peak_lr(c.optim), ("optim.lr", "optim.batch_size")),
+    Link("optim.warmup_epochs", "<= optim.epochs", lambda c: c.optim.warmup_epochs <= c.optim.epochs,
+         ("optim.epochs",)),
+    Link("loss.kind", "deit_soft or deit_hard exactly when student.deit is true (a DeiT student: ViT backbone)",
+         lambda c: c.loss.kind.startswith("deit") == c.student.deit, ("student.deit",)),
+    Link("teacher.kind", "none exactly when loss.kind is ce (ce trains on labels only, the others distil from a "
+         "teacher)", lambda c: (c.teacher.kind == "none") == (c.loss.kind == "ce"), ("loss.kind",)),
+    Link("teacher.checkpoint", "set while teacher.kind is linear (a pretrained backbone) or classifier (an "
+         "esvit-distill checkpoint or student.pt)",
+         lambda c: c.teacher.kind not in ("linear", "classifier") or c.teacher.checkpoint is not None,
+         ("teacher.kind",)),
+    Link("teacher.arch", "set while teacher.kind is torchvision (a torchvision classifier name, e.g. resnet50)",
+         lambda c: c.teacher.kind != "torchvision" or c.teacher.arch is not None, ("teacher.kind",)),
+    Link("teacher.weights", "set while teacher.kind is torchvision (weights are never downloaded), unless "
+         "teacher.random_init is true (smoke tests)",
+         lambda c: c.teacher.kind != "torchvision" or c.teacher.weights is not None or c.teacher.random_init,
+         ("teacher.kind", "teacher.random_init")),
 )
-_NON_NEGATIVE = (
-    "loss.label_smoothing", "loss.dkd.alpha", "loss.dkd.beta", "loss.dkd.ce_weight",
-    "loss.dkd.warmup_epochs", "loss.dist.beta", "loss.dist.gamma", "loss.dist.ce_weight",
-    "data.val_split", "data.max_train_per_class", "data.num_workers", "data.max_bad_fraction",
-    "optim.total_steps", "optim.cpu_budget_s", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.momentum",
-    "optim.clip_grad", "eval.every_epochs", "checkpoint.every_epochs", "checkpoint.every_steps",
-)
-_UNIT = ("loss.kd.alpha", "loss.deit.alpha", "data.max_bad_fraction")
 
 
 def validate_distill(cfg: DistillConfig) -> DistillConfig:
-    """Check value ranges and cross-field constraints.
+    """Check every key against :data:`DISTILL_RANGES` and the constraints :data:`DISTILL_LINKS`.
 
     Raises:
-        ConfigError: Naming the offending key and the expected value.
+        ConfigError: One line naming the offending key, its valid range and its value.
     """
-    check_ranges(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
-    if cfg.loss.label_smoothing >= 1:
-        raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {cfg.loss.label_smoothing}")
-    lo, hi = cfg.augment.scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"augment.scale: must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
-    lo, hi = cfg.augment.ratio
-    if not 0 < lo <= hi:
-        raise ConfigError(f"augment.ratio: must satisfy 0 < min <= max, got {[lo, hi]}")
-    if cfg.teacher.image_size is not None and cfg.teacher.image_size < 1:
-        raise ConfigError(f"teacher.image_size: must be > 0 or null, got {cfg.teacher.image_size}")
-
-    s, t, loss = cfg.student, cfg.teacher, cfg.loss.kind
-    if loss.startswith("deit") and not s.deit:
-        raise ConfigError(f"loss.kind: {loss!r} needs a DeiT student; set student.deit=true (ViT backbone)")
-    if s.deit and not loss.startswith("deit"):
-        raise ConfigError(f"student.deit: a DeiT student trains with loss.kind deit_soft or deit_hard, "
-                          f"got loss.kind={loss!r}")
-    if t.kind == "none" and loss != "ce":
-        raise ConfigError(f"teacher.kind: loss.kind={loss!r} distils from a teacher; set teacher.kind "
-                          "(linear, torchvision or classifier) or use loss.kind=ce")
-    if t.kind != "none" and loss == "ce":
-        raise ConfigError(f"loss.kind: 'ce' trains on labels only; set teacher.kind=none (got "
-                          f"teacher.kind={t.kind!r}) or choose kd, dkd, dist, deit_soft, deit_hard")
-    if t.kind in ("linear", "classifier") and not t.checkpoint:
-        raise ConfigError(f"teacher.checkpoint: required for teacher.kind={t.kind!r} (path to "
-                          + ("a pretrained backbone checkpoint)" if t.kind == "linear"
-                             else "an esvit-distill checkpoint or student.pt)"))
-    if t.kind == "torchvision":
-        if not t.arch:
-            raise ConfigError("teacher.arch: required for teacher.kind='torchvision' (a torchvision "
-                              "classifier name, e.g. resnet50)")
-        if not t.weights and not t.random_init:
-            raise ConfigError("teacher.weights: a local state_dict file is required for "
-                              "teacher.kind='torchvision' (weights are never downloaded); "
-                              "teacher.random_init=true allows random weights for smoke tests")
-    if cfg.data.kind == "folder" and cfg.data.path is not None and not cfg.data.path.strip():
-        raise ConfigError("data.path: empty string")
-    if cfg.optim.clip_grad < 0:
-        raise ConfigError(f"optim.clip_grad: must be >= 0, got {cfg.optim.clip_grad}")
+    check_config(cfg, DISTILL_RANGES, DISTILL_LINKS)
     return cfg
 
 

@@ -17,6 +17,10 @@ Scores per image, then averaged over images:
 
 Random weights are the baseline to compare with: a random ViT already scores well above chance
 (``1 / n_tokens``) because patches of similar colour have similar features.
+
+A grid of one token (every match "correct") is refused; fewer than :data:`TINY_IMAGE_SET`
+images are flagged. The result records what it was computed on: ``images``, ``n_tokens``,
+``grid``, ``chance`` and ``flags``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ SCORE_KEYS = ("accuracy_all", "accuracy_topk", "distance_all", "distance_topk", 
 # The official second view: ``RandomHorizontalFlip(p=1)``, ``ColorJitter(0.4, 0.4, 0.2, 0.1)``
 # with p 0.8, ``RandomGrayscale(p=1)``.
 JITTER_P, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.8, 0.4, 0.4, 0.2, 0.1
+TINY_IMAGE_SET = 10  # fewer scored images than this are flagged
 
 
 def square_grid(n_tokens: int) -> tuple[int, int]:
@@ -147,6 +152,24 @@ def _resolve_backbone(
     raise TypeError(f"backbone must be a checkpoint path or a (net, spec) tuple, got {type(backbone).__name__}")
 
 
+def _checked_grid(n_tokens: int) -> tuple[int, int]:
+    """:func:`square_grid`, refusing a single token (every match would be correct)."""
+    if n_tokens < 2:
+        raise ValueError(f"the backbone gives {n_tokens} region token(s) at this image size: "
+                         "every match would be correct (chance 100%); use a larger --image-size")
+    return square_grid(n_tokens)
+
+
+def _flags(images: int) -> list[str]:
+    """Cautions about a result over ``images`` images (also logged)."""
+    flags = []
+    if images < TINY_IMAGE_SET:
+        flags.append(f"tiny image set: the scores are means over {images} image(s)")
+    for flag in flags:
+        log.warning("correspondence: %s", flag)
+    return flags
+
+
 @torch.no_grad()
 def measure_correspondence(
     backbone: Any,
@@ -186,8 +209,13 @@ def measure_correspondence(
 
     Returns:
         JSON-able dict: the mean of every :data:`SCORE_KEYS` score over the images,
-        ``distance_all_px`` / ``distance_topk_px``, ``chance`` (``1 / n_tokens``), ``grid``,
-        ``images``, ``skipped`` (unreadable files) and the settings.
+        ``distance_all_px`` / ``distance_topk_px``, ``protocol``, ``chance`` (``1 / n_tokens``),
+        ``grid``, ``n_tokens``, ``images`` (scored), ``skipped`` (unreadable files), ``flags``
+        and the settings.
+
+    Raises:
+        ValueError: No readable image, a grid of a single token (nothing to match), or
+            non-finite features.
     """
     from esvit.embed import _ImageList, _list_inputs
     from esvit.eval.features import make_loader, normalize, resolve_device
@@ -206,7 +234,9 @@ def measure_correspondence(
     rows: list[dict[str, Any]] = []
     grid: tuple[int, int] | None = None
     count, skipped = 0, []
-    for images_u8, ok, idx, _ in make_loader(_ImageList(paths, size), batch_size, num_workers):
+    loader = make_loader(_ImageList(paths, size), batch_size, num_workers,
+                         what="correspondence images")
+    for images_u8, ok, idx, _ in loader:
         skipped += [paths[i] for i in idx[~ok].tolist()]
         if not ok.any():
             continue
@@ -215,7 +245,7 @@ def measure_correspondence(
         seeds = [seed * 1_000_003 + i for i in idx[ok].tolist()]
         _, feat_f = wrapper(normalize(flip_jitter(x, jitter, seeds)))
         if grid is None:
-            grid = square_grid(feat.shape[1])
+            grid = _checked_grid(feat.shape[1])
         scores = flip_match_scores(feat, feat_f, grid, top_k)
         for key in SCORE_KEYS:
             sums[key] += float(scores[key].sum())
@@ -232,7 +262,8 @@ def measure_correspondence(
     out: dict[str, Any] = {key: sums[key] / count for key in SCORE_KEYS}
     out.update(
         distance_all_px=out["distance_all"] * stride, distance_topk_px=out["distance_topk"] * stride,
-        chance=1.0 / (grid[0] * grid[1]), grid=list(grid), images=count, skipped=len(skipped),
+        protocol="flip correspondence", chance=1.0 / (grid[0] * grid[1]), grid=list(grid),
+        n_tokens=grid[0] * grid[1], images=count, skipped=len(skipped), flags=_flags(count),
         settings={"backbone": source, "name": spec.name, "images": where, "image_size": size, "jitter": jitter,
                   "top_k": min(top_k, grid[0] * grid[1]), "seed": seed, "checkpoint_key": checkpoint_key},
     )

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.models import ResNet, SwinTransformer, VisionTransformer
 
 from esvit.backbones.registry import BackboneSpec
+from esvit.eval.loader import LoaderStalledError, make_loader  # noqa: F401 - re-exported
 from esvit.wrapper import NetWrapper
 
 log = logging.getLogger("esvit.eval")
@@ -99,12 +100,15 @@ def image_short_sides(paths: Sequence[str], max_images: int = AUTO_PROBE_IMAGES)
     n = len(paths)
     if n == 0 or max_images < 1:
         return []
+    from esvit.data.folder import check_regular_file
+
     picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, max_images))})
     sides: list[int] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for i in picks:
             try:
+                check_regular_file(paths[i])  # a FIFO or device could block: never opened
                 with Image.open(paths[i]) as img:
                     sides.append(min(img.size))
             except Exception as e:  # noqa: BLE001 - an unreadable file just does not vote
@@ -164,7 +168,9 @@ class EvalPreprocess:
             esvit.data.decode.BadImageError: The file cannot be decoded.
         """
         from esvit.data.decode import load_image
+        from esvit.data.folder import check_regular_file
 
+        check_regular_file(path)  # a FIFO or device could block: never opened
         image = load_image(path, self.decode_size)
         return image if self.crop_size is None else center_crop(image, self.crop_size).contiguous()
 
@@ -590,23 +596,6 @@ def options_hash(options: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def make_loader(
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    num_workers: int = 0,
-    shuffle: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    """DataLoader for evaluation (pinned memory only with CUDA; seeded shuffling)."""
-    g = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-        drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
-
-
 @torch.no_grad()
 def encode_dataset(
     model: EvalModel,
@@ -626,7 +615,7 @@ def encode_dataset(
     """
     from tqdm import tqdm
 
-    loader = make_loader(dataset, batch_size, num_workers)
+    loader = make_loader(dataset, batch_size, num_workers, what=desc)
     feats: list[Tensor] = []
     flipped: list[Tensor] = []
     labels: list[Tensor] = []
@@ -673,27 +662,69 @@ def cached_features(
     its preprocessing protocol, decode and crop sizes (``dataset_identity``). Nothing is cached
     for in-memory models or without ``cache_dir``.
     """
-    from esvit.train.checkpoint import CheckpointError, atomic_save, safe_load
-
     key = None
     path = None
     identity = dataset_identity(dataset)
     if cache_dir is not None and model.cache_token is not None and identity is not None:
         key = {**model.cache_token, "split": split, "flip": flip, "data": identity}
         path = Path(cache_dir) / f"{split}_{options_hash(key)}.pt"
-        if path.is_file():
-            try:
-                obj = safe_load(path)
-                if obj.get("key") == json.loads(json.dumps(key, default=str)):
-                    return obj["features"], obj["labels"], obj.get("flipped")
-            except (CheckpointError, KeyError) as e:
-                log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+        cached = read_feature_cache(path, json.loads(json.dumps(key, default=str)), len(dataset), flip)
+        if cached is not None:
+            return cached
     out = encode_dataset(model, dataset, device, batch_size, num_workers, flip, progress,
                          desc=f"{split} features")
     if path is not None and key is not None:
-        atomic_save({"key": json.loads(json.dumps(key, default=str)), "features": out[0],
-                     "labels": out[1], "flipped": out[2]}, path)
+        save_feature_cache({"key": json.loads(json.dumps(key, default=str)),
+                            "features": out[0], "labels": out[1], "flipped": out[2]}, path)
     return out
+
+
+def read_feature_cache(path: Path, key: dict[str, Any], n_items: int, flip: bool
+                       ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """The cached ``(features, labels, flipped)`` at ``path`` when it is intact and made for ``key``.
+
+    Loaded with :func:`esvit.train.checkpoint.load_checkpoint` (kind ``feature_cache``). A missing
+    or stale file is None; a damaged or forged one (empty, truncated, fields missing, of the wrong
+    type or of inconsistent shapes, non-finite features) is None with a warning: the features are
+    recomputed and the file rewritten.
+    """
+    from esvit.train.checkpoint import CheckpointError, load_checkpoint
+
+    if not path.is_file():
+        return None
+    try:
+        obj = load_checkpoint(path, "feature_cache")
+        if obj["key"] != key:
+            return None
+        feats, labels, flipped = obj["features"], obj["labels"], obj.get("flipped")
+        n = feats.shape[0] if feats.ndim == 2 else -1
+        if not (0 < n <= n_items and feats.is_floating_point() and bool(torch.isfinite(feats).all())):
+            raise CheckpointError(f"{path}: field 'features' is not a finite (n <= {n_items}, dim) float matrix")
+        if labels.shape != (n,) or labels.is_floating_point():
+            raise CheckpointError(f"{path}: field 'labels' does not hold one integer label per feature row")
+        if flip != (flipped is not None) or (flipped is not None and flipped.shape != feats.shape):
+            raise CheckpointError(f"{path}: field 'flipped' does not match the features")
+    except (CheckpointError, OSError) as e:
+        log.warning("ignoring unusable feature cache (%s); recomputing the features", e)
+        return None
+    return feats, labels, flipped
+
+
+def save_feature_cache(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write a feature cache file atomically.
+
+    Inside an output folder claimed by this process (:class:`~esvit.eval.outputs.OutputFolder`),
+    the file is recorded in the folder's ledger before it is written, and its temporary file
+    lives in the ledger's temporary folder; elsewhere it is a plain atomic ``torch.save``.
+    """
+    from esvit.eval.outputs import active_folder
+    from esvit.train.checkpoint import atomic_save
+
+    owner = active_folder(path)
+    if owner is None:
+        return atomic_save(obj, path)
+    folder, name = owner
+    return folder.torch_save(name, obj)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
@@ -772,9 +803,11 @@ class LabeledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, bool, int]:
         from esvit.data.decode import BadImageError, load_image
+        from esvit.data.folder import check_regular_file
 
         side = self.crop_size or self.canvas_size
         try:
+            check_regular_file(self.paths[i])  # a FIFO or device could block: never opened
             image, ok = load_image(self.paths[i], self.canvas_size), True
             if self.crop_size is not None:
                 image = center_crop(image, self.crop_size).contiguous()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from collections.abc import Sequence
@@ -13,8 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "knn_accuracies", "knn_accuracy", "knn_eval", "knn_neighbors", "knn_predict",
+    "DINO_KS", "describe_knn", "knn_accuracies", "knn_accuracy", "knn_eval", "knn_neighbors",
+    "knn_predict",
 ]
+
+log = logging.getLogger("esvit.eval")
 
 
 def _similarity(queries: Tensor, bank_chunk: Tensor) -> Tensor:
@@ -136,6 +140,15 @@ def _topk_accuracy(scores: Tensor, target: Tensor, num_classes: int) -> dict[str
     return res
 
 
+def _check_meaningful(train_labels: Tensor, test_labels: Tensor, num_classes: int) -> None:
+    """Refuse a bank of one class or a query class absent from the bank (see
+    :mod:`esvit.eval.validity`)."""
+    from esvit.eval.validity import evaluation_basis
+
+    if train_labels.numel() and test_labels.numel():
+        evaluation_basis("knn", train_labels, test_labels, num_classes, log_flags=False)
+
+
 def knn_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
@@ -145,8 +158,15 @@ def knn_accuracy(
     temperature: float = 0.07,
     num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 (and top-5 when there are >= 5 classes) kNN accuracy in percent."""
+    """Top-1 (and top-5 when there are >= 5 classes) kNN accuracy in percent.
+
+    Raises:
+        esvit.eval.validity.MeaninglessEvaluationError: The bank holds fewer than 2 classes,
+            or a query class has no bank image.
+    """
     c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
+    _check_labels(train_features, train_labels, c)
+    _check_meaningful(train_labels, test_labels, c)
     scores = knn_predict(train_features, train_labels, test_features, c, k, temperature)
     return _topk_accuracy(scores, test_labels, c)
 
@@ -178,11 +198,16 @@ def knn_accuracies(
 
     Returns:
         ``{k: {"top1": %, "top5": %}}`` (``top5`` only with >= 5 classes).
+
+    Raises:
+        esvit.eval.validity.MeaninglessEvaluationError: The bank holds fewer than 2 classes,
+            or a query class has no bank image.
     """
     if not ks:
         raise ValueError("ks must name at least one k")
     c = num_classes or int(max(train_labels.max(), test_labels.max()).item()) + 1
     _check_labels(train_features, train_labels, c)
+    _check_meaningful(train_labels, test_labels, c)
     sim, idx = knn_neighbors(train_features, test_features, max(ks), chunk_size, train_chunk_size)
     labels = train_labels.long().to(sim.device)
     out: dict[int, dict[str, float]] = {}
@@ -193,13 +218,31 @@ def knn_accuracies(
     return out
 
 
+DINO_KS = (10, 20, 100, 200)  # DINO's eval_knn.py neighbour counts
+
+
+def _default_ks(n_bank: int) -> tuple[int, ...]:
+    """The DINO ``ks`` that fit a bank of ``n_bank`` images (dropped ones are logged)."""
+    from esvit.eval.validity import MeaninglessEvaluationError
+
+    ks = tuple(k for k in DINO_KS if k <= n_bank)
+    if not ks:
+        raise MeaninglessEvaluationError(
+            f"the bank holds {n_bank} images, fewer than the smallest default k ({DINO_KS[0]}): "
+            f"pass ks (--ks) no larger than {n_bank}")
+    if len(ks) < len(DINO_KS):
+        log.warning("kNN: default k=%s dropped: larger than the bank (%d images)",
+                    ", ".join(str(k) for k in DINO_KS if k > n_bank), n_bank)
+    return ks
+
+
 def knn_eval(
     backbone: Any,
     train: str | Path,
     val: str | Path | None = None,
     *,
     val_split: int | None = None,
-    ks: Sequence[int] = (10, 20, 100, 200),
+    ks: Sequence[int] | None = None,
     temperature: float = 0.07,
     checkpoint_key: str = "teacher",
     backbone_name: str | None = None,
@@ -218,7 +261,9 @@ def knn_eval(
 ) -> dict[str, Any]:
     """kNN evaluation of a frozen backbone on labeled image folders (DINO protocol).
 
-    Also callable as ``esvit.eval.knn(...)`` (the module is callable).
+    Also callable as ``esvit.eval.knn(...)`` (the module is callable). Evaluations that cannot
+    mean anything are refused before any feature is computed, and every result records what it
+    was computed on (see :mod:`esvit.eval.validity`).
 
     Args:
         backbone: Checkpoint path (training checkpoint, export, or bare state dict with
@@ -226,7 +271,8 @@ def knn_eval(
         train: Image folder with one subfolder per class (the feature bank).
         val: Query folder with the same class names; or ``val_split``.
         val_split: Hold out the last ``val_split`` images of every class of ``train``.
-        ks: Neighbour counts.
+        ks: Neighbour counts, each at most the bank size (default: DINO's 10, 20, 100, 200,
+            those larger than the bank dropped with a warning).
         temperature: Vote temperature.
         checkpoint_key: ``"teacher"`` or ``"student"``.
         backbone_name: Registry name for bare state dicts.
@@ -244,15 +290,52 @@ def knn_eval(
         batch_size: Feature extraction batch size.
         num_workers: DataLoader workers.
         device: Device (default: CUDA when available).
-        output_dir: Writes ``knn_results.json`` and (with ``cache``) the feature cache.
+        output_dir: Writes ``knn_results.json`` and (with ``cache``) the feature cache; the
+            folder must hold only files esvit wrote (:class:`~esvit.eval.outputs.OutputFolder`).
         cache: Cache features in ``output_dir`` (checkpoint paths only).
         progress: Show tqdm bars.
 
     Returns:
-        ``{"knn": {"10": {"top1", "top5"}, ...}, "n_train", "n_val", "num_classes",
-        "feature_dim", "temperature", "preprocess": {"protocol", ...}, ...}`` (accuracies in
-        percent).
+        ``{"knn": {"10": {"top1", "top5"}, ...}, "protocol": "knn", "n_bank", "n_train"
+        (= n_bank), "n_val", "num_classes", "bank_classes", "val_classes", "chance": {"top1",
+        ...}, "val_in_bank", "flags", "feature_dim", "temperature", "preprocess": {...}, ...}``
+        (accuracies and chance levels in percent).
+
+    Raises:
+        esvit.eval.validity.MeaninglessEvaluationError: Fewer than 2 bank classes, a
+            validation class absent from the bank, or a k larger than the bank.
+        esvit.eval.outputs.ForeignFilesError: ``output_dir`` holds files esvit did not write.
     """
+    from esvit.eval.outputs import OutputFolder
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if ks is not None and (not ks or min(ks) < 1):
+        raise ValueError(f"ks must be positive neighbour counts, got {list(ks)}")
+    folder = OutputFolder(output_dir, "esvit-knn").claim() if output_dir is not None else None
+    try:
+        results = _knn_eval(backbone, train, val, val_split, ks, temperature, folder, cache,
+                            progress, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
+                            image_size=image_size, canvas_size=canvas_size,
+                            preprocess=preprocess, feature=feature, n_last=n_last,
+                            avgpool=avgpool, batch_size=batch_size, num_workers=num_workers,
+                            device=device)
+        if folder is not None:
+            folder.write_json("knn_results.json", results)
+            results["output_dir"] = str(folder.root)
+    finally:
+        if folder is not None:
+            folder.release()
+    return results
+
+
+def _knn_eval(backbone: Any, train: str | Path, val: str | Path | None, val_split: int | None,
+              ks: Sequence[int] | None, temperature: float, folder: Any, cache: bool,
+              progress: bool, *, checkpoint_key: str, backbone_name: str | None,
+              image_size: int | None, canvas_size: int | None, preprocess: str, feature: str,
+              n_last: int | None, avgpool: bool, batch_size: int, num_workers: int,
+              device: str | torch.device | None) -> dict[str, Any]:
+    """:func:`knn_eval` once its output folder is claimed."""
     from esvit.eval.features import (
         cached_features,
         labeled_splits,
@@ -261,34 +344,36 @@ def knn_eval(
         resolve_eval_model,
         resolve_preprocess,
     )
+    from esvit.eval.validity import evaluation_basis
 
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive neighbour counts, got {list(ks)}")
     dev = resolve_device(device)
     model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
                                image_size=image_size, feature=feature, n_last=n_last,
                                avgpool=avgpool, device=dev)
     tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
     pre = resolve_preprocess(preprocess, model.image_size, probe_paths(tr_ds, va_ds), canvas_size)
+    ks = tuple(ks) if ks is not None else _default_ks(len(tr_ds))
+    # refuse before computing any feature (the same check runs again on the readable images)
+    first = evaluation_basis("knn", tr_ds.labels, va_ds.labels, len(classes), classes, ks=ks,
+                             bank_paths=tr_ds.paths, val_paths=va_ds.paths, log_flags=False)
     tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
-    out_dir = Path(output_dir) if output_dir is not None else None
-    cache_dir = out_dir / "features" if (out_dir is not None and cache) else None
+    cache_dir = folder.path("features") if (folder is not None and cache) else None
     tr_x, tr_y, _ = cached_features(model, tr_ds, "train", dev, batch_size, num_workers,
                                     cache_dir=cache_dir, progress=progress)
     va_x, va_y, _ = cached_features(model, va_ds, "val", dev, batch_size, num_workers,
                                     cache_dir=cache_dir, progress=progress)
+    basis = evaluation_basis("knn", tr_y, va_y, len(classes), classes, ks=ks,
+                             val_in_bank=first.val_in_bank)
     if dev.type == "cuda":
         tr_x, tr_y = tr_x.to(dev), tr_y.to(dev)
     accs = knn_accuracies(tr_x, tr_y, va_x, va_y, ks=ks, temperature=temperature,
                           num_classes=len(classes))
-    results: dict[str, Any] = {
+    return {
         "knn": {str(k): v for k, v in accs.items()},
+        **basis.record(),
+        "ks": list(ks),
         "temperature": temperature,
-        "n_train": int(tr_x.shape[0]),
-        "n_val": int(va_x.shape[0]),
-        "num_classes": len(classes),
+        "n_train": basis.n_bank,
         "feature_dim": int(tr_x.shape[1]),
         "feature": model.encoder.feature,
         "n_last": model.encoder.n_last or None,
@@ -296,13 +381,24 @@ def knn_eval(
         "image_size": model.image_size,
         "preprocess": pre.record(),
         "checkpoint": model.source,
+        "written_by": "esvit-knn",
     }
-    if out_dir is not None:
-        from esvit.eval.features import write_json
 
-        write_json(results, out_dir / "knn_results.json")
-        results["output_dir"] = str(out_dir)
-    return results
+
+def describe_knn(results: dict[str, Any]) -> list[str]:
+    """Printed lines of a :func:`knn_eval` result: every number with what it was computed on."""
+    from esvit.eval.validity import EvalBasis
+
+    basis = EvalBasis(results["protocol"], results["n_bank"], results["n_val"],
+                      results["num_classes"], results["bank_classes"], results["val_classes"],
+                      results["chance"])
+    lines = []
+    for k, acc in results["knn"].items():
+        top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
+        lines.append(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}  (weighted kNN, T="
+                     f"{results['temperature']:g}: {basis.describe()})")
+    lines += [f"warning: {flag}" for flag in results.get("flags", ())]
+    return lines
 
 
 class _CallableModule(types.ModuleType):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,10 +40,8 @@ from esvit.eval.features import (
     resolve_device,
     resolve_eval_model,
     resolve_preprocess,
-    write_json,
 )
 from esvit.eval.features import preprocess as to_model_input
-from esvit.train.checkpoint import atomic_save
 
 __all__ = [
     "LINEAR_MODES",
@@ -50,6 +49,7 @@ __all__ = [
     "LINEAR_SOLVERS",
     "LinearClassifier",
     "accuracy",
+    "describe_linear",
     "linear_probe",
     "train_linear_lbfgs",
     "train_linear_sgd",
@@ -287,14 +287,15 @@ def _train_linear_augment(
     g = torch.Generator().manual_seed(seed)
     clf: LinearClassifier | None = None
     opt: torch.optim.Optimizer | None = None
-    loader = make_loader(dataset, batch_size, num_workers, shuffle=True, seed=seed, drop_last=False)
+    loader = make_loader(dataset, batch_size, num_workers, shuffle=True, seed=seed, drop_last=False,
+                         what="linear training images")
     steps_per_epoch = len(loader)
     total = epochs * steps_per_epoch
     base_lr = lr * batch_size / 256.0
     step = 0
     for epoch in range(epochs):
-        if hasattr(loader.sampler, "generator") and loader.sampler.generator is not None:
-            loader.sampler.generator.manual_seed(seed + epoch)
+        if loader.generator is not None:  # the shuffling generator
+            loader.generator.manual_seed(seed + epoch)
         bar = tqdm(loader, desc=f"linear epoch {epoch + 1}/{epochs}", disable=not progress,
                    leave=False)
         for batch in bar:
@@ -375,7 +376,8 @@ def linear_probe(
         val_split: Hold out the last ``val_split`` images (sorted order) of every class of
             ``train`` as the validation set.
         output_dir: Where the feature cache, ``linear_results.json`` and
-            ``linear_classifier.pt`` go (nothing is written when None).
+            ``linear_classifier.pt`` go (nothing is written when None); the folder must hold
+            only files esvit wrote (:class:`~esvit.eval.outputs.OutputFolder`).
         checkpoint_key: ``"teacher"`` or ``"student"`` weights of a training checkpoint.
         backbone_name: Registry name, for bare state dicts.
         image_size: Evaluation resolution (default: the training global crop size recorded in
@@ -408,10 +410,48 @@ def linear_probe(
         progress: Show tqdm bars.
 
     Returns:
-        ``{"train": {"top1", "top5"}, "val": {...}, "num_classes", "feature_dim", "n_train",
-        "n_val", "mode", "solver", "norm", "classes", "preprocess": {"protocol", ...}, ...}``
-        (accuracies in percent).
+        ``{"train": {"top1", "top5"}, "val": {...}, "protocol": "linear", "n_train", "n_val",
+        "num_classes", "bank_classes" (training classes), "val_classes", "chance": {"train":
+        {"top1", ...}, "val": {...}}, "val_in_bank", "flags", "feature_dim", "mode", "solver",
+        "norm", "classes", "preprocess": {"protocol", ...}, ...}`` (accuracies and chance
+        levels in percent). Evaluations that cannot mean anything are refused before any
+        feature is computed (see :mod:`esvit.eval.validity`).
+
+    Raises:
+        esvit.eval.validity.MeaninglessEvaluationError: Fewer than 2 training classes, or a
+            validation class with no training image.
+        esvit.eval.outputs.ForeignFilesError: ``output_dir`` holds files esvit did not write.
     """
+    from esvit.eval.outputs import OutputFolder
+
+    solver, norm = _check_options(mode, solver, norm, epochs, batch_size, max_iter)
+    folder = OutputFolder(output_dir, "esvit-linear").claim() if output_dir is not None else None
+    try:
+        results, clf = _linear_probe(
+            backbone, train, val, val_split, folder, cache, progress, checkpoint_key=checkpoint_key,
+            backbone_name=backbone_name, image_size=image_size, canvas_size=canvas_size,
+            preprocess=preprocess, feature=feature, n_last=n_last, avgpool=avgpool, mode=mode,
+            solver=solver, norm=norm, epochs=epochs, lr=lr, batch_size=batch_size, l2=l2,
+            max_iter=max_iter, num_workers=num_workers, device=device, seed=seed)
+        if folder is not None:
+            folder.torch_save("linear_classifier.pt", {
+                "state_dict": {k: v.cpu() for k, v in clf.state_dict().items()},
+                "in_dim": results["feature_dim"], "num_classes": results["num_classes"],
+                "norm": norm, "classes": results["classes"], "feature": feature,
+                "n_last": results["n_last"], "avgpool": avgpool,
+                "image_size": results["image_size"], "preprocess": results["preprocess"],
+                "checkpoint": results["checkpoint"]})
+            folder.write_json("linear_results.json", results)
+            results["output_dir"] = str(folder.root)
+    finally:
+        if folder is not None:
+            folder.release()
+    return results
+
+
+def _check_options(mode: str, solver: str | None, norm: str | None, epochs: int, batch_size: int,
+                   max_iter: int) -> tuple[str, str]:
+    """Validate the probe options; returns the resolved ``(solver, norm)``."""
     if mode not in LINEAR_MODES:
         raise ValueError(f"mode must be one of {LINEAR_MODES}, got {mode!r}")
     solver = solver or ("sgd" if mode == "augment" else "lbfgs")
@@ -425,20 +465,37 @@ def linear_probe(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_iter", max_iter)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    return solver, norm
+
+
+def _linear_probe(backbone: Any, train: str | Path, val: str | Path | None,
+                  val_split: int | None, folder: Any, cache: bool, progress: bool, *,
+                  checkpoint_key: str, backbone_name: str | None, image_size: int | None,
+                  canvas_size: int | None, preprocess: str, feature: str, n_last: int | None,
+                  avgpool: bool, mode: str, solver: str, norm: str, epochs: int, lr: float,
+                  batch_size: int, l2: float, max_iter: int, num_workers: int,
+                  device: str | torch.device | None, seed: int,
+                  ) -> tuple[dict[str, Any], LinearClassifier]:
+    """:func:`linear_probe` once its options are checked and its output folder claimed."""
+    from esvit.eval.validity import chance_levels, evaluation_basis
+
     dev = resolve_device(device)
     model = resolve_eval_model(backbone, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
                                image_size=image_size, feature=feature, n_last=n_last,
                                avgpool=avgpool, device=dev)
     tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
+    c = len(classes)
     pre = resolve_preprocess(preprocess, model.image_size, probe_paths(tr_ds, va_ds), canvas_size,
                              allow_canvas=mode == "augment")
+    # refuse before computing any feature (the same check runs again on the readable images)
+    first = evaluation_basis("linear", tr_ds.labels, va_ds.labels, c, classes,
+                             bank_paths=tr_ds.paths, val_paths=va_ds.paths,
+                             bank_word="training set", log_flags=False)
     # the augment mode's training crops are drawn from the whole decoded canvas (no centre crop)
     aug_ds = tr_ds.with_preprocess(EvalPreprocess("resize", model.image_size,
                                                   canvas_size or pre.decode_size))
     tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
-    out_dir = Path(output_dir) if output_dir is not None else None
-    cache_dir = out_dir / "features" if (out_dir is not None and cache) else None
-    c = len(classes)
+    cache_dir = folder.path("features") if (folder is not None and cache) else None
 
     def features_of(ds: Any, split: str, flip: bool) -> _Split:
         f, y, fl = cached_features(model, ds, split, dev, batch_size=batch_size,
@@ -453,47 +510,50 @@ def linear_probe(
         tr = features_of(tr_ds, "train", False)
     else:
         tr = features_of(tr_ds, "train", mode == "flip")
-        if solver == "lbfgs":
-            x, y = tr.features, tr.labels
-            if tr.flipped is not None:
-                x, y = torch.cat([x, tr.flipped]), torch.cat([y, y])
-            clf = train_linear_lbfgs(x, y, c, l2=l2, max_iter=max_iter, norm=norm, device=dev)
-        else:
-            clf = train_linear_sgd(tr.features, tr.labels, c, epochs=epochs, lr=lr,
-                                   batch_size=batch_size, norm=norm, flipped=tr.flipped,
-                                   device=dev, seed=seed)
+        evaluation_basis("linear", tr.labels, va.labels, c, classes, bank_word="training set",
+                         log_flags=False)  # before training on the readable images
+        clf = _fit_cached(tr, c, solver, norm, l2, max_iter, epochs, lr, batch_size, dev, seed)
+    basis = evaluation_basis("linear", tr.labels, va.labels, c, classes,
+                             val_in_bank=first.val_in_bank, bank_word="training set")
     results: dict[str, Any] = {
         "train": accuracy(_predict(clf, tr.features, dev), tr.labels),
         "val": accuracy(_predict(clf, va.features, dev), va.labels),
-        "num_classes": c,
-        "classes": list(classes),
-        "feature_dim": int(tr.features.shape[1]),
-        "n_train": int(tr.features.shape[0]),
-        "n_val": int(va.features.shape[0]),
-        "mode": mode,
-        "solver": solver,
-        "norm": norm,
-        "feature": feature,
-        "n_last": model.encoder.n_last or None,
-        "avgpool": avgpool,
-        "image_size": model.image_size,
-        "preprocess": pre.record(),
-        "checkpoint": model.source,
+        **basis.record(),
+        "chance": {"train": chance_levels(np.bincount(tr.labels.numpy(), minlength=c)),
+                   "val": basis.chance},
+        "n_train": basis.n_bank, "classes": list(classes),
+        "feature_dim": int(tr.features.shape[1]), "mode": mode, "solver": solver, "norm": norm,
+        "feature": feature, "n_last": model.encoder.n_last or None, "avgpool": avgpool,
+        "image_size": model.image_size, "preprocess": pre.record(), "checkpoint": model.source,
+        "written_by": "esvit-linear",
+        **({"epochs": epochs, "lr": lr, "batch_size": batch_size} if solver == "sgd"
+           else {"l2": l2, "max_iter": max_iter}),
     }
-    if solver == "sgd":
-        results.update(epochs=epochs, lr=lr, batch_size=batch_size)
-    else:
-        results.update(l2=l2, max_iter=max_iter)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save({"state_dict": {k: v.cpu() for k, v in clf.state_dict().items()},
-                     "in_dim": results["feature_dim"], "num_classes": c, "norm": norm,
-                     "classes": list(classes), "feature": feature,
-                     "n_last": results["n_last"], "avgpool": avgpool,
-                     "image_size": model.image_size, "preprocess": pre.record(),
-                     "checkpoint": model.source},
-                    out_dir / "linear_classifier.pt")
-        write_json(results, out_dir / "linear_results.json")
-        results["output_dir"] = str(out_dir)
-    return results
+    return results, clf
 
+
+def _fit_cached(tr: _Split, c: int, solver: str, norm: str, l2: float, max_iter: int, epochs: int,
+                lr: float, batch_size: int, dev: torch.device, seed: int) -> LinearClassifier:
+    """Train on cached features (``mode`` none / flip)."""
+    if solver == "lbfgs":
+        x, y = tr.features, tr.labels
+        if tr.flipped is not None:
+            x, y = torch.cat([x, tr.flipped]), torch.cat([y, y])
+        return train_linear_lbfgs(x, y, c, l2=l2, max_iter=max_iter, norm=norm, device=dev)
+    return train_linear_sgd(tr.features, tr.labels, c, epochs=epochs, lr=lr,
+                            batch_size=batch_size, norm=norm, flipped=tr.flipped, device=dev,
+                            seed=seed)
+
+
+def describe_linear(results: dict[str, Any]) -> list[str]:
+    """Printed lines of a :func:`linear_probe` result: every number with what it was computed on."""
+    lines = []
+    method = f"linear {results['solver']}, {results['mode']} mode"
+    for split in ("train", "val"):
+        acc, chance = results[split], results["chance"][split]
+        top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
+        lines.append(f"{split:>5}  top-1 {acc['top1']:6.2f}%{top5}  ({results['n_' + split]} "
+                     f"images, {results['num_classes']} classes, chance top-1 "
+                     f"{chance['top1']:.2f}%; {method} on {results['n_train']} training images)")
+    lines += [f"warning: {flag}" for flag in results.get("flags", ())]
+    return lines

@@ -90,6 +90,25 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_ranks(metrics: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
+    """Average scalar metrics over ranks (the global-batch value, as one process would see it)."""
+    if not info.distributed:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable); every rank must call this."""
+    if not info.distributed:
+        return obj
+    payload = [obj if info.is_main else None]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 def cleanup() -> None:
     """Destroy the process group if one exists."""
     if dist.is_available() and dist.is_initialized():

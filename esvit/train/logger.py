@@ -1,4 +1,9 @@
-"""Metrics to a JSON-lines file and to Weights & Biases (offline/disabled by default)."""
+"""Metrics to a JSON-lines file and to Weights & Biases (offline/disabled by default).
+
+Every record is one whole line (:class:`esvit.run.fsio.LineAppender`): a full disk or a kill
+never leaves half a record written by this process, and a failed write is one
+:class:`~esvit.run.errors.OutputDirError` naming the file and the cause.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from esvit.run.fsio import LineAppender, atomic_write_text, probe_writable
 
 log = logging.getLogger("esvit")
 
@@ -42,8 +49,9 @@ class MetricLogger:
         self._wandb = None
         if not active:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if not self.path.parent.is_dir():
+            probe_writable(self.path.parent)
+        self._file = LineAppender(self.path, "metrics file")
         if wandb_mode != "disabled":
             try:
                 import wandb
@@ -69,9 +77,14 @@ class MetricLogger:
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)
             rec[k] = v
-        self._file.write(json.dumps(rec) + "\n")
+        self._file.append(json.dumps(rec))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+
+    def sync(self) -> None:
+        """fsync the metrics file (called before every checkpoint)."""
+        if self.active:
+            self._file.sync()
 
     def close(self) -> None:
         """Flush and close the file and finish the wandb run."""
@@ -86,3 +99,24 @@ class MetricLogger:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Read a ``metrics.jsonl`` file back into a list of dicts."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop the records of ``path`` logged after ``step`` (a resumed run logs them again).
+
+    Malformed lines (a record cut by a crash of an older version) are dropped with a warning. The
+    file is rewritten atomically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:
+            rec = None
+            log.warning("dropping a malformed line of %s (written by a killed run?)", path)
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep), "metrics file")

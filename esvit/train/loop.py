@@ -3,46 +3,46 @@
 ``train(cfg, resume=...)`` is what ``train_ssl.py`` / ``esvit-train`` call. Every schedule value
 comes from :class:`esvit.schedules.Schedules` at the global optimiser step, and the data order
 is a pure function of (seed, epoch), so a checkpoint's step is all the position a resume needs.
+
+The run machinery (output directory and its lock, resume checks, checkpoints, metrics, signals,
+NaN guard, AMP, DDP, bounded data waits) is :class:`esvit.run.engine.Run`; this module keeps what
+is specific to EsViT pretraining: the trainer, its schedules, its step and the kNN monitor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from esvit.config import Config, ConfigError, config_to_dict, save_config
+from esvit.config import Config
 from esvit.data import BadImageCounter, build_dataset
 from esvit.data.sampler import EpochBlockSampler
-from esvit.schedules import Schedules
+from esvit.run.engine import Run, RunSpec, Throughput
+from esvit.run.errors import NonFiniteLossError
+from esvit.run.resume import dataset_identity
+from esvit.schedules import Schedules, ScheduleValues
 from esvit.train import checkpoint as ckpt
 from esvit.train.collapse import CollapseMonitor
-from esvit.train.distributed import (
-    DistInfo,
-    all_true,
-    barrier,
-    gather_rng_states,
-    init_distributed,
-    sync_batchnorm_if_needed,
-)
+from esvit.train.distributed import DistInfo, barrier, mean_over_ranks, sync_batchnorm_if_needed
 from esvit.train.logger import MetricLogger
 from esvit.train.optim import clip_gradients
 from esvit.trainer import EsViTTrainer
 
+__all__ = ["FREE_KEYS", "NonFiniteLossError", "TrainResult", "build_schedules", "build_trainer",
+           "load_checkpoint_into", "save_checkpoint", "train"]
+
 log = logging.getLogger("esvit.train")
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the run stopped without writing a checkpoint."""
+FREE_KEYS = ("logging", "checkpoint", "knn", "device", "data.num_workers", "data.max_bad_fraction", "data.path",
+             "data.loader_timeout_s")
+"""Config keys a resume may change without ``--allow-config-change`` (the data's identity is checked)."""
+HINT = "Lower optim.lr, check the data, or keep optim.clip_grad > 0, then resume with --resume auto."
 
 
 @dataclass
@@ -53,6 +53,21 @@ class TrainResult:
     step: int
     last_checkpoint: Path | None
     losses: list[float]
+
+
+@dataclass
+class _Parts:
+    """What one pretraining run works with."""
+
+    sampler: EpochBlockSampler
+    loader: torch.utils.data.DataLoader
+    trainer: EsViTTrainer
+    opt: torch.optim.Optimizer
+    sched: Schedules
+    steps_per_epoch: int
+    total_steps: int
+    bad_counter: BadImageCounter
+    facts: dict[str, Any]
 
 
 def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
@@ -67,7 +82,8 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
         use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
         student_temp=t.student_temp, center_momentum=t.center_momentum, region_loss=m.region_loss,
         region_out_dim=m.region_out_dim, use_bn_in_region_head=m.use_bn_in_region_head, region_weight=m.region_weight,
-        augment_options={"blur_p": a.blur_p, "blur_sigma": a.blur_sigma, "solarize_p": a.solarize_p},
+        augment_options={"blur_p": a.blur_p, "blur_sigma": a.blur_sigma, "solarize_p": a.solarize_p,
+                         "extra_global": a.extra_global, "extra_local": a.extra_local},
         seed=seed,
     )
 
@@ -85,69 +101,30 @@ def build_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
     )
 
 
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: none on CPU; on CUDA bf16 if supported else fp16 (``optim.amp=auto``)."""
-    mode = cfg.optim.amp
-    if device.type != "cuda" or mode == "none":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+# ------------------------------------------------------------------------------------ checkpoints
 
 
-def _restore_rng(trainer: EsViTTrainer, states: list[dict[str, Any]], info: DistInfo) -> None:
-    if len(states) != info.world_size:
-        log.warning("checkpoint has RNG states for %d ranks, run has %d: augmentation streams restart",
-                    len(states), info.world_size)
-        return
-    s = states[info.rank]
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    trainer.load_extra_state(s)
-
-
-def save_checkpoint(
-    out_dir: Path, step: int, trainer: EsViTTrainer, opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None, cfg: Config, info: DistInfo, run_id: str | None,
-) -> Path:
-    """Gather RNG states from all ranks; rank 0 writes the checkpoint atomically and prunes.
-
-    Every rank must call this (it gathers and synchronises); all ranks get the path back.
+def save_checkpoint(run: Run, step: int, trainer: EsViTTrainer, opt: torch.optim.Optimizer, cfg: Config) -> Path:
+    """Checkpoint ``step`` (every rank calls this; rank 0 writes atomically and prunes).
 
     Raises:
         NonFiniteLossError: The student or teacher holds NaN/inf weights (nothing is written, so
             the previous checkpoint stays the last good one).
+        OutputDirError: The write failed (disk full ...): one line naming the file and the cause.
     """
-    device = next(trainer.student.parameters()).device
-    if not all_true(_weights_finite(trainer), device):
-        raise NonFiniteLossError(
-            f"non-finite weights after step {step}: not writing a checkpoint (the newest checkpoint in "
-            f"{out_dir} is the last good one). Lower optim.lr or keep optim.clip_grad > 0, then resume "
-            "with --resume auto."
-        )
-    rng = gather_rng_states(trainer.extra_state(), info)
-    path = ckpt.checkpoint_path(out_dir, step)
-    if info.is_main:
-        state = {
+    def state() -> dict[str, Any]:
+        return {
             "format_version": ckpt.FORMAT_VERSION,
-            "step": step,
             "backbone": cfg.model.backbone,
             "student": trainer.student.state_dict(),
             "teacher": trainer.teacher.state_dict(),
             "view_center": trainer.view_loss.center.center,
             "region_center": trainer.region_loss.center.center if trainer.region_loss is not None else None,
             "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": rng,
-            "config": config_to_dict(cfg),
-            "wandb_run_id": run_id,
+            "scaler": run.amp.state_dict() if run.amp is not None else {},
         }
-        ckpt.atomic_save(state, path)
-        ckpt.prune_checkpoints(out_dir, cfg.checkpoint.keep_last)
-        log.info("saved %s", path)
-    barrier()
-    return path
+
+    return run.save(step, state, trainer.extra_state(), _weights_finite(trainer))
 
 
 def _weights_finite(trainer: EsViTTrainer) -> bool:
@@ -160,10 +137,8 @@ def _weights_finite(trainer: EsViTTrainer) -> bool:
     )
 
 
-def load_checkpoint_into(
-    state: dict[str, Any], path: Path, trainer: EsViTTrainer, opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None, info: DistInfo,
-) -> int:
+def load_checkpoint_into(state: dict[str, Any], path: Path, trainer: EsViTTrainer, opt: torch.optim.Optimizer,
+                         run: Run) -> int:
     """Validate and restore a training checkpoint; return its global step."""
     for key in ("step", "student", "teacher", "view_center", "optimizer"):
         if key not in state:
@@ -176,33 +151,65 @@ def load_checkpoint_into(
     if trainer.region_loss is not None and state.get("region_center") is not None:
         trainer.region_loss.center.center.copy_(state["region_center"])
     opt.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    _restore_rng(trainer, state.get("rng", []), info)
+    if run.amp is not None:
+        run.amp.load_state_dict(state.get("scaler"))
+    run.restore_rng(state.get("rng", []), trainer.load_extra_state)
     return int(state["step"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (they are re-logged by the resumed run)."""
-    if not path.is_file():
-        return
-    import json
-
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln) if ln.strip() else None
-        except json.JSONDecodeError:
-            rec = None
-            log.warning("dropping a malformed line of %s (written by a killed run?)", path)
-        if isinstance(rec, dict) and rec.get("step", 0) <= step:
-            keep.append(ln)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------ set-up
 
 
-def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) -> TrainResult:
+def _build(cfg: Config, run: Run, max_steps: int | None) -> _Parts:
+    """Data (workers decode to a uint8 canvas; augmentation runs on the device), model, optimiser."""
+    o, d, info = cfg.optim, cfg.data, run.info
+    dataset = build_dataset(d.kind, d.path, d.canvas_size, synthetic_images=d.synthetic_images,
+                            synthetic_classes=d.synthetic_classes, seed=cfg.seed,
+                            max_bad_fraction=d.max_bad_fraction, resize_mode=d.resize_mode)
+    sampler = EpochBlockSampler(len(dataset), run.micro_batch, info.rank, info.world_size, seed=cfg.seed)
+    loader = run.loader(dataset, sampler, run.micro_batch, d)
+    steps_per_epoch = sampler.batches_per_epoch // o.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset has {len(dataset)} images: too few for one step of optim.batch_size="
+                         f"{o.batch_size} (x accum); lower the batch size")
+    _check_knn_folders(cfg, info)
+    trainer, opt = _build_model(cfg, run)
+    run.make_amp(o.amp)
+    sched = build_schedules(cfg, steps_per_epoch)
+    total = sched.total_steps if max_steps is None else min(max_steps, sched.total_steps)
+    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": sched.total_steps,
+             **dataset_identity(getattr(dataset, "paths", None), getattr(dataset, "labels", None), len(dataset))}
+    return _Parts(sampler, loader, trainer, opt, sched, steps_per_epoch, total,
+                  BadImageCounter(d.max_bad_fraction, getattr(dataset, "paths", None)), facts)
+
+
+def _check_knn_folders(cfg: Config, info: DistInfo) -> None:
+    """Fail now on bad kNN monitor folders, not at the first epoch."""
+    if cfg.knn.every_epochs and info.is_main and cfg.knn.train_path and cfg.knn.val_path:
+        from esvit.eval.monitor import monitor_preprocess
+
+        pre, _, _ = monitor_preprocess(cfg.knn.train_path, cfg.knn.val_path, cfg.data.canvas_size,
+                                       cfg.augment.global_size, cfg.knn.preprocess)
+        log.info("kNN monitor every %d epochs, preprocessing: %s", cfg.knn.every_epochs, pre)
+
+
+def _build_model(cfg: Config, run: Run) -> tuple[EsViTTrainer, torch.optim.Optimizer]:
+    info = run.info
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (teacher = student copy)
+    trainer = build_trainer(cfg, seed=cfg.seed).to(run.device)
+    sync_batchnorm_if_needed(trainer, cfg.model.sync_bn, info)  # student and teacher, before DDP
+    torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout / drop-path
+    trainer.set_shard(info.rank, info.world_size)
+    if info.distributed:
+        trainer.set_student_forward(run.ddp(trainer.student))
+    return trainer, torch.optim.AdamW(trainer.param_groups(), lr=0.0)
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def train(cfg: Config, resume: str | None = None, max_steps: int | None = None,
+          allow_config_change: bool = False) -> TrainResult:
     """Run (or resume) a pretraining run described by ``cfg``.
 
     Args:
@@ -211,207 +218,141 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None) 
             (latest readable checkpoint in the output directory, fresh if none) or a path.
         max_steps: Stop after this global step (for tests and smoke runs); the schedules still
             span the full configured run.
+        allow_config_change: Resume even if the config or the run's facts (batch split, steps
+            per epoch, data set ...) differ from the checkpoint's; the differences are logged.
 
     Returns:
         :class:`TrainResult` with the final step, last checkpoint and this process's losses.
+
+    Raises:
+        Preempted: SIGTERM / SIGINT / SIGUSR1: a checkpoint was written (see :mod:`esvit.run`).
+        RunError: The other expected faults (locked or unwritable output directory, resume
+            mismatch, non-finite loss, stalled loader), each a one-line message.
     """
-    if resume not in (None, "auto") and not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume: checkpoint not found: {resume} (pass 'auto' or a checkpoint_*.pt file)")
-    info, device = init_distributed(cfg.device)
-    out_dir = Path(cfg.logging.output_dir)
-    o = cfg.optim
-    if o.batch_size % (info.world_size * o.accum_steps):
-        raise ConfigError(f"optim.batch_size: {o.batch_size} is not divisible by world_size "
-                          f"({info.world_size}) x optim.accum_steps ({o.accum_steps})")
-    micro_batch = o.batch_size // (info.world_size * o.accum_steps)
-    if resume is None and ckpt.list_checkpoints(out_dir):
-        raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume auto to continue that run, "
-                              "or choose another logging.output_dir")
+    spec = RunSpec("esvit-train", cfg, FREE_KEYS, cfg.optim.batch_size, cfg.optim.accum_steps, HINT)
+    with Run(spec, resume, allow_config_change) as run:
+        p = _build(cfg, run, max_steps)
+        step = run.resume_state(p.facts, lambda path, state: load_checkpoint_into(state, path, p.trainer, p.opt, run))
+        run.start_logging(step)
+        if run.info.is_main:
+            o = cfg.optim
+            log.info("%d images, %d steps/epoch, %d epochs, global batch %d (%d/rank x %d ranks x %d accum), "
+                     "device %s, amp %s", p.facts["dataset_size"], p.steps_per_epoch, o.epochs, o.batch_size,
+                     run.micro_batch, run.info.world_size, o.accum_steps, run.device, run.amp.dtype)
+        step, losses = _fit(cfg, run, p, step)
+        return TrainResult(run.out_dir, step, run.last_checkpoint, losses)
 
-    # ---- data: workers decode to a uint8 canvas; all augmentation runs on `device`
-    dataset = build_dataset(
-        cfg.data.kind, cfg.data.path, cfg.data.canvas_size,
-        synthetic_images=cfg.data.synthetic_images, synthetic_classes=cfg.data.synthetic_classes,
-        seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction, resize_mode=cfg.data.resize_mode,
-    )
-    sampler = EpochBlockSampler(len(dataset), micro_batch, info.rank, info.world_size, seed=cfg.seed)
-    loader = build_loader(dataset, sampler, micro_batch, cfg.data.num_workers)
-    batches_per_epoch = sampler.batches_per_epoch
-    steps_per_epoch = batches_per_epoch // o.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset has {len(dataset)} images: too few for one step of optim.batch_size="
-                         f"{o.batch_size} (x accum); lower the batch size")
-    bad_counter = BadImageCounter(cfg.data.max_bad_fraction, getattr(dataset, "paths", None))
-    if cfg.knn.every_epochs and info.is_main and cfg.knn.train_path and cfg.knn.val_path:
-        from esvit.eval.monitor import (
-            monitor_preprocess,  # fail now on bad folders, not at the first epoch
-        )
 
-        pre, _, _ = monitor_preprocess(cfg.knn.train_path, cfg.knn.val_path, cfg.data.canvas_size,
-                                       cfg.augment.global_size, cfg.knn.preprocess)
-        log.info("kNN monitor every %d epochs, preprocessing: %s", cfg.knn.every_epochs, pre)
-
-    # ---- model, optimiser, schedules
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (teacher = student copy)
-    trainer = build_trainer(cfg, seed=cfg.seed).to(device)
-    sync_batchnorm_if_needed(trainer, cfg.model.sync_bn, info)  # student and teacher, before DDP
-    torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout / drop-path
-    trainer.set_shard(info.rank, info.world_size)
-    if info.distributed:
-        ddp = DDP(trainer.student, device_ids=[device.index] if device.type == "cuda" else None)
-        trainer.set_student_forward(ddp)
-    opt = torch.optim.AdamW(trainer.param_groups(), lr=0.0)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    sched = build_schedules(cfg, steps_per_epoch)
-    total_steps = sched.total_steps if max_steps is None else min(max_steps, sched.total_steps)
-
-    # ---- resume
-    step, run_id, last_ckpt = 0, None, None
-    if resume is not None:
-        found = (ckpt.load_latest(out_dir) if resume == "auto"
-                 else (Path(resume), ckpt.safe_load(resume)))
-        if found is not None:
-            last_ckpt, state = found
-            step = load_checkpoint_into(state, last_ckpt, trainer, opt, scaler, info)
-            run_id = state.get("wandb_run_id")
-            log.info("resumed from %s at step %d", last_ckpt, step)
-            if info.is_main:
-                _truncate_metrics(out_dir / "metrics.jsonl", step)
-        elif info.is_main:
-            log.info("no checkpoint in %s: starting a fresh run", out_dir)
-    if info.is_main:  # only now: a refused or failed resume leaves the run's config.yaml alone
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    logger = MetricLogger(out_dir, cfg.logging.wandb, cfg.logging.wandb_project, run_id,
-                          config_to_dict(cfg), active=info.is_main)
-
-    if info.is_main:
-        log.info("%d images, %d steps/epoch, %d epochs, global batch %d (%d/rank x %d ranks x %d accum), "
-                 "device %s, amp %s", len(dataset), steps_per_epoch, o.epochs, o.batch_size, micro_batch,
-                 info.world_size, o.accum_steps, device, dtype)
-    trainer.train()
+def _fit(cfg: Config, run: Run, p: _Parts, step: int) -> tuple[int, list[float]]:
+    """Train from ``step`` to ``p.total_steps``; returns the final step and this process's losses."""
+    p.trainer.train()
     losses: list[float] = []
-    monitor = CollapseMonitor(trainer.out_dim, region_out_dim=trainer.region_out_dim)
-    bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and cfg.logging.progress),
-               dynamic_ncols=True, desc="esvit")
-    t_last, imgs_since = time.perf_counter(), 0
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            loader.sampler.set_epoch(epoch)
-            loader.sampler.set_start((step - epoch * steps_per_epoch) * o.accum_steps)
-            it = iter(loader)
-            for _ in range(steps_per_epoch - step % steps_per_epoch):
-                if step >= total_steps:
-                    break
-                vals = sched.at(step)
-                for i, g in enumerate(opt.param_groups):
-                    g["lr"] = vals.lr
-                    if g.get("apply_wd", i == 0):
-                        g["weight_decay"] = vals.weight_decay
-                opt.zero_grad(set_to_none=True)
-                step_metrics: dict[str, float] = {}
-                for micro in range(o.accum_steps):
-                    images, _, ok = next(it)
-                    bad_counter.update(ok)
-                    sync = micro == o.accum_steps - 1 or not info.distributed
-                    ctx = contextlib.nullcontext() if sync else trainer._student_forward.no_sync()
-                    with ctx:
-                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                            out = trainer(images, vals.teacher_temp, vals.region_weight)
-                        loss = out["loss"]
-                        if not all_true(bool(torch.isfinite(loss).item()), device):
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({loss.item()}) at step {step + 1} (epoch {epoch}); stopping without "
-                                f"saving. Last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr, check the "
-                                "data, or keep optim.clip_grad > 0, then resume with --resume auto."
-                            )
-                        loss_scaled = loss / o.accum_steps
-                        (scaler.scale(loss_scaled) if scaler is not None else loss_scaled).backward()
-                    for k, v in out.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v.detach()) / o.accum_steps
-                step_metrics = _mean_over_ranks(step_metrics, device, info)
-                if scaler is not None:
-                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                # a frozen last layer's gradients are dropped first: they count in no norm
-                grad_norm = clip_gradients(trainer.student.parameters(), o.clip_grad, o.clip_mode,
-                                           frozen=trainer.last_layer_parameters() if vals.freeze_last_layer else ())
-                if grad_norm is not None and scaler is None and not torch.isfinite(grad_norm):
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm ({float(grad_norm)}) at step {step + 1} (epoch {epoch}); "
-                        f"stopping before the update. Last good checkpoint: {last_ckpt or 'none'}. Lower "
-                        "optim.lr or check the data, then resume with --resume auto."
-                    )
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                trainer.update_teacher(vals.teacher_momentum)
-                step += 1
-                losses.append(step_metrics["loss"])
-                imgs_since += o.batch_size
-                if info.is_main:
-                    monitor.update(step_metrics, step)
+    monitor = CollapseMonitor(p.trainer.out_dim, region_out_dim=p.trainer.region_out_dim)
+    bar, meter = run.progress(p.total_steps, step, "esvit"), Throughput()
+    spe, every = p.steps_per_epoch, cfg.checkpoint.every_steps
 
-                # ---- monitoring
-                if step % cfg.logging.log_every == 0 or step == total_steps or step == 1:
-                    now = time.perf_counter()
-                    ips = imgs_since / max(now - t_last, 1e-9)
-                    t_last, imgs_since = now, 0
-                    rec = {**step_metrics, "lr": vals.lr, "weight_decay": vals.weight_decay,
-                           "teacher_momentum": vals.teacher_momentum, "teacher_temp": vals.teacher_temp,
-                           "region_weight": vals.region_weight if trainer.region_loss is not None else 0.0,
-                           "epoch": step / steps_per_epoch, "images_per_s": ips, "bad_images": bad_counter.bad}
-                    if grad_norm is not None:
-                        rec["grad_norm"] = float(grad_norm)
-                    logger.log(rec, step)
-                    bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", lr=f"{vals.lr:.2e}", img_s=f"{ips:.0f}")
-                bar.update(1)
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-                    last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
-            epoch_done = step % steps_per_epoch == 0
-            if epoch_done:
-                bad_counter.finalize()  # checks the limit even below the counter's min_samples
-            if epoch_done and step < total_steps:
-                e = step // steps_per_epoch
-                if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0:
-                    last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
-                if cfg.knn.every_epochs and e % cfg.knn.every_epochs == 0:
-                    _knn_monitor(cfg, trainer, device, info, logger, step)
-        bad_counter.finalize()
-        if bad_counter.bad:
-            log.warning("%d of %d samples (%.2f%%) were unreadable images replaced by substitutes "
-                        "(data.max_bad_fraction=%g); first: %s", bad_counter.bad, bad_counter.seen,
-                        100 * bad_counter.fraction, bad_counter.max_bad_fraction,
-                        "; ".join(bad_counter.first_bad) or "unknown")
-        if last_ckpt != ckpt.checkpoint_path(out_dir, step):
-            last_ckpt = save_checkpoint(out_dir, step, trainer, opt, scaler, cfg, info, logger.run_id)
-    finally:
-        bar.close()
-        logger.close()
-    return TrainResult(out_dir, step, last_ckpt, losses)
+    def save(at: int) -> Path:
+        return save_checkpoint(run, at, p.trainer, p.opt, cfg)
+
+    while step < p.total_steps:
+        epoch = step // spe
+        p.sampler.set_epoch(epoch)
+        p.sampler.set_start((step - epoch * spe) * cfg.optim.accum_steps)
+        it = run.batches(p.loader)
+        for _ in range(spe - step % spe):
+            if step >= p.total_steps:
+                break
+            run.stop_if_signalled(step, lambda at=step: save(at))
+            metrics, vals, grad_norm = _train_step(cfg, run, p, it, step)
+            step += 1
+            losses.append(metrics["loss"])
+            meter.add(cfg.optim.batch_size)
+            if run.info.is_main:
+                monitor.update(metrics, step)
+            _log_step(cfg, run, p, step, {**metrics, **_schedule_record(vals, p)}, grad_norm, meter, bar)
+            if every and step % every == 0 and step < p.total_steps:
+                save(step)
+        _end_of_epoch(cfg, run, p, step, save)
+    _report_bad_images(p.bad_counter)
+    if run.needs_save(step):
+        save(step)
+    return step, losses
 
 
-def build_loader(dataset: Any, sampler: EpochBlockSampler, batch_size: int, num_workers: int) -> DataLoader:
-    """DataLoader over uint8 canvases (letterboxed ``Canvas`` batches with ``data.resize_mode``
-    letterbox); pinned memory and persistent workers only where useful."""
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+def _train_step(cfg: Config, run: Run, p: _Parts, it: Any, step: int
+                ) -> tuple[dict[str, float], ScheduleValues, torch.Tensor | None]:
+    """One optimiser step (``accum_steps`` micro-batches) at 0-based global step ``step``."""
+    o, trainer, amp = cfg.optim, p.trainer, run.amp
+    epoch = step // p.steps_per_epoch
+    vals = p.sched.at(step)
+    for i, g in enumerate(p.opt.param_groups):
+        g["lr"] = vals.lr
+        if g.get("apply_wd", i == 0):
+            g["weight_decay"] = vals.weight_decay
+    p.opt.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    for micro in range(o.accum_steps):
+        images, _, ok = next(it)
+        p.bad_counter.update(ok)
+        sync = micro == o.accum_steps - 1 or not run.info.distributed
+        with contextlib.nullcontext() if sync else trainer._student_forward.no_sync():
+            with amp.autocast():
+                out = trainer(images, vals.teacher_temp, vals.region_weight)
+            run.check_loss(out["loss"], step + 1, epoch)
+            amp.backward(out["loss"] / o.accum_steps)
+        for k, v in out.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v.detach()) / o.accum_steps
+    metrics = mean_over_ranks(metrics, run.device, run.info)
+    amp.unscale(p.opt)  # clip the true gradients, not the scaled ones
+    # a frozen last layer's gradients are dropped first: they count in no norm
+    grad_norm = clip_gradients(trainer.student.parameters(), o.clip_grad, o.clip_mode,
+                               frozen=trainer.last_layer_parameters() if vals.freeze_last_layer else ())
+    run.check_grad_norm(grad_norm, step + 1, epoch)
+    amp.step(p.opt)
+    trainer.update_teacher(vals.teacher_momentum)
+    return metrics, vals, grad_norm
 
 
-def _mean_over_ranks(metrics: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
-    """Average scalar metrics over ranks (the global-batch value, as one process would see it)."""
-    if not info.distributed:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+def _schedule_record(vals: ScheduleValues, p: _Parts) -> dict[str, float]:
+    return {"lr": vals.lr, "weight_decay": vals.weight_decay, "teacher_momentum": vals.teacher_momentum,
+            "teacher_temp": vals.teacher_temp,
+            "region_weight": vals.region_weight if p.trainer.region_loss is not None else 0.0}
+
+
+def _log_step(cfg: Config, run: Run, p: _Parts, step: int, rec: dict[str, float], grad_norm: torch.Tensor | None,
+              meter: Throughput, bar: tqdm) -> None:
+    """Append the step's record to ``metrics.jsonl`` every ``logging.log_every`` steps."""
+    bar.update(1)
+    if not (step % cfg.logging.log_every == 0 or step == p.total_steps or step == 1):
+        return
+    ips = meter.read()
+    rec = {**rec, "epoch": step / p.steps_per_epoch, "images_per_s": ips, "bad_images": p.bad_counter.bad}
+    if grad_norm is not None:
+        rec["grad_norm"] = float(grad_norm)
+    run.logger.log(rec, step)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{ips:.0f}")
+
+
+def _end_of_epoch(cfg: Config, run: Run, p: _Parts, step: int, save: Any) -> None:
+    """Bad-image check, epoch checkpoint and kNN monitor when ``step`` closes an epoch."""
+    if step % p.steps_per_epoch:
+        return
+    p.bad_counter.finalize()  # checks the limit even below the counter's min_samples
+    if step >= p.total_steps:
+        return
+    e = step // p.steps_per_epoch
+    if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0 and run.needs_save(step):
+        save(step)
+    if cfg.knn.every_epochs and e % cfg.knn.every_epochs == 0:
+        _knn_monitor(cfg, p.trainer, run.device, run.info, run.logger, step)
+
+
+def _report_bad_images(counter: BadImageCounter) -> None:
+    counter.finalize()
+    if counter.bad:
+        log.warning("%d of %d samples (%.2f%%) were unreadable images replaced by substitutes "
+                    "(data.max_bad_fraction=%g); first: %s", counter.bad, counter.seen,
+                    100 * counter.fraction, counter.max_bad_fraction, "; ".join(counter.first_bad) or "unknown")
 
 
 def _knn_monitor(cfg: Config, trainer: EsViTTrainer, device: torch.device, info: DistInfo,
