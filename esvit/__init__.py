@@ -26,16 +26,18 @@ _LAZY = {
     "linear_probe": "esvit.eval",
     "knn_eval": "esvit.eval",
     "measure_correspondence": "esvit.eval.correspondence",
+    "pretrain": "esvit.api",
 }
 
 __all__ = [
     "BackboneSpec", "Config", "DINOHead", "EsViTModel", "EsViTTrainer", "MultiCropAugmentation",
     "NetWrapper", "RegionLoss", "Schedules", "ViewLoss", "build_backbone", "list_backbones",
     "load_config", "register_backbone", "load_backbone", "export_backbone", "linear_probe", "knn_eval",
-    "embed", "measure_correspondence",
+    "embed", "measure_correspondence", "pretrain",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from esvit.api import pretrain
     from esvit.augment import MultiCropAugmentation
     from esvit.backbones import BackboneSpec, build_backbone, list_backbones, register_backbone
     from esvit.config import Config, load_config

@@ -282,6 +282,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     synthetic_images: int = 512
     synthetic_classes: int = 10
+    loader_timeout_s: float | None = None
 
 
 DATA_RANGES: Ranges = {
@@ -293,6 +294,7 @@ DATA_RANGES: Ranges = {
     "max_bad_fraction": PROB,
     "synthetic_images": num(1),
     "synthetic_classes": num(1),
+    "loader_timeout_s": num(0, null="$ESVIT_LOADER_TIMEOUT, else 600", why="seconds a decode worker may take for one batch before the run stops with a message; 0: wait forever"),
 }
 
 

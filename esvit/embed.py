@@ -5,11 +5,17 @@ Images are taken in a deterministic (sorted) order and processed in *shards* of
 ``embeddings_00000.npy`` (or ``.pt`` / ``.safetensors``), with ``regions_00000.npy`` for region
 tokens and ``paths_00000.csv`` for the embedded images; ``manifest.json`` records the finished
 shards and the settings. A restarted run with the same settings skips finished shards, so a
-killed extraction over a large folder loses at most one shard of work. At the end the shards are
-merged (optional) into ``embeddings.npy`` through ``np.lib.format.open_memmap`` (bounded memory)
-and ``embeddings.csv`` lists ``row,path,label`` for every row. Unreadable images (and inputs
-that are not regular files: FIFOs, devices, never opened) are skipped, counted and listed in
-``bad_files.txt``.
+killed extraction over a large folder loses at most one shard of work. ``embeddings.csv`` lists
+``row,path,label`` for every row. Unreadable images (and inputs that are not regular files:
+FIFOs, devices, never opened) are skipped, counted and listed in ``bad_files.txt``.
+
+At the end the shards are merged (``merge=True``, the default) into ``embeddings.npy`` (and
+``regions.npy``) through ``np.lib.format.open_memmap`` (bounded memory); once the merged files
+are written and checked (shape, dtype, each shard's first and last rows), ``manifest.json``
+records them (``"merged"``) and the shards are deleted, so a finished folder holds each
+embedding once. A crash at any point loses nothing: before the manifest says ``merged`` the
+shards are the data (a rerun merges again), after it the merged files are (a rerun deletes any
+shard left over). With ``merge=False`` the shards are the result.
 
 The output folder is owned through a ledger (:class:`esvit.eval.outputs.OutputFolder`):
 ``esvit-embed`` only creates, replaces or (with ``overwrite``) deletes files that the ledger
@@ -68,7 +74,7 @@ COMMAND = "esvit-embed"
 EMBED_DTYPES = ("float32", "float16")
 EMBED_FORMATS = ("npy", "pt", "safetensors")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2  # 2: bad images recorded as [index, reason]; files listed in the ledger
+MANIFEST_VERSION = 3  # 2: bad images as [index, reason], ledger; 3: "merged", shards deleted
 CSV_ENCODING, CSV_ERRORS = "utf-8", "surrogateescape"
 _COPY_ROWS = 4096  # rows copied at a time when compacting / merging memory maps
 _EXT = {"npy": ".npy", "pt": ".pt", "safetensors": ".safetensors"}
@@ -87,7 +93,7 @@ class EmbedResult:
         regions: Merged region tokens ``(n, tokens, d)`` ``.npy`` (None if not requested/merged).
         csv: ``embeddings.csv`` (``row,path,label``).
         bad_files: ``bad_files.txt`` or None when every image was readable.
-        shards: Shard embedding files, in order.
+        shards: Shard embedding files, in order (empty once merged: the shards are deleted).
         skipped_shards: Shards found complete and not recomputed.
         preprocess: The evaluation preprocessing used
             (:meth:`~esvit.eval.features.EvalPreprocess.record`; also in ``manifest.json``).
@@ -445,8 +451,17 @@ class _Job:
         bad = {j for j, _ in self.manifest["shards"][str(i)]["bad"]}
         return [j for j in self.span(i) if j not in bad]
 
+    @property
+    def merged(self) -> bool:
+        """Whether the manifest records merged files (the shards are then deleted)."""
+        return bool(self.manifest.get("merged"))
+
+    def merged_names(self) -> list[str]:
+        """The merged files: embeddings, then regions when requested."""
+        return [f"embeddings{self.ext}", *(["regions.npy"] if self.regions else [])]
+
     def complete(self, i: int) -> bool:
-        """Whether shard ``i`` is finished and its files are on disk."""
+        """Whether shard ``i`` is finished and its rows are on disk."""
         rec = self.manifest["shards"].get(str(i))
         if rec is None:
             return False
@@ -456,6 +471,8 @@ class _Job:
             return False
         if len(self.rows(i)) != int(rec.get("rows", -1)):
             return False
+        if self.merged:  # its rows live in the merged files (checked by _check_merged)
+            return True
         emb, reg, csv_name = _shard_names(i, self.ext)
         return all(self.folder.path(n).is_file()
                    for n in (emb, csv_name, *((reg,) if self.regions else ())))
@@ -584,8 +601,9 @@ def embed_images(
         dtype: ``"float32"`` or ``"float16"`` storage.
         format: ``"npy"``, ``"pt"`` or ``"safetensors"`` (needs the safetensors package).
         shard_size: Images per shard (unit of resumption).
-        merge: Merge shards into single files at the end (``.npy`` via a memory map; ``.pt`` and
-            ``.safetensors`` need the whole matrix in memory once).
+        merge: Merge the shards into single files at the end and delete them (``.npy`` via a
+            memory map; ``.pt`` and ``.safetensors`` need the whole matrix in memory once).
+            False keeps the shards (a folder merged earlier stays merged).
         overwrite: Discard an existing extraction made with other settings (only the files
             esvit-embed recorded writing are deleted).
         progress: Show a tqdm bar.
@@ -611,25 +629,60 @@ def embed_images(
                                    backbone_name=backbone_name, image_size=image_size,
                                    feature=feature, n_last=n_last, avgpool=avgpool, device=dev)
         pre = resolve_preprocess(preprocess, model.image_size, paths, canvas_size)
-        settings = _manifest_settings(
-            model=model.cache_token or model.source, feature=feature,
-            n_last=model.encoder.n_last, avgpool=avgpool, image_size=model.image_size,
-            canvas_size=pre.decode_size, preprocess=pre.protocol, crop_size=pre.crop_size,
-            dtype=dtype, format=format, regions=regions, shard_size=shard_size,
-            inputs=described, num_inputs=len(paths), paths_hash=_paths_hash(paths),
-        )
-        manifest = _open_manifest(folder, settings, overwrite)
-        job = _Job(folder, manifest, paths, labels, shard_size, format, np.dtype(dtype), regions)
-        folder.record(*_output_names(job.n_shards, job.ext))
-        if manifest.get("preprocess") != pre.record():
-            manifest["preprocess"] = pre.record()  # how auto decided, for the record
-            _save_manifest(folder, manifest)
+        job = _open_job(folder, model, pre, paths, labels, described, overwrite,
+                        feature=feature, avgpool=avgpool, dtype=dtype, format=format,
+                        regions=regions, shard_size=shard_size)
         skipped = _embed_pending(job, model, pre, dev, batch_size, num_workers, progress)
         res = _finalize(job, merge, skipped)
     finally:
         folder.release()
     res.preprocess = pre.record()
     return res
+
+
+def _open_job(folder: OutputFolder, model: EvalModel, pre: EvalPreprocess, paths: list[str],
+              labels: list[str], described: str, overwrite: bool, **options: Any) -> _Job:
+    """The extraction in ``folder``: its settings (``options``: feature, avgpool, dtype,
+    format, regions, shard_size) checked against (or written to) the manifest."""
+    settings = _manifest_settings(
+        model=model.cache_token or model.source, n_last=model.encoder.n_last,
+        image_size=model.image_size, canvas_size=pre.decode_size, preprocess=pre.protocol,
+        crop_size=pre.crop_size, inputs=described, num_inputs=len(paths),
+        paths_hash=_paths_hash(paths), **options,
+    )
+    manifest = _open_manifest(folder, settings, overwrite)
+    job = _Job(folder, manifest, paths, labels, options["shard_size"], options["format"],
+               np.dtype(options["dtype"]), options["regions"])
+    if manifest.get("preprocess") != pre.record():
+        manifest["preprocess"] = pre.record()  # how auto decided, for the record
+        _save_manifest(folder, manifest)
+    _check_merged(job)
+    return job
+
+
+def _check_merged(job: _Job) -> None:
+    """A manifest that records merged files whose rows are not all there is reset: every shard
+    is embedded again (the merged files were the only copy)."""
+    if not job.merged:
+        return
+    rows = int(job.manifest["merged"].get("rows", -1))
+    try:
+        intact = all(job.complete(i) for i in range(job.n_shards)) and rows == sum(
+            int(job.manifest["shards"][str(i)]["rows"]) for i in range(job.n_shards))
+        intact = intact and all(
+            len(_load_array(job.folder.path(n), "npy" if n == "regions.npy" else job.fmt,
+                            "regions" if n == "regions.npy" else "embeddings")) == rows
+            for n in job.merged_names())
+    except Exception:  # a damaged file fails in its reader's own way
+        intact = False
+    if intact:
+        return
+    log.warning("%s: the merged embeddings are missing or damaged; embedding every shard again",
+                job.folder.root)
+    job.folder.remove([n for n in job.merged_names() if job.folder.owns(n)])
+    job.manifest.pop("merged")
+    job.manifest["shards"] = {}
+    _save_manifest(job.folder, job.manifest)
 
 
 def _embed_pending(job: _Job, model: EvalModel, pre: EvalPreprocess, dev: torch.device,
@@ -675,12 +728,11 @@ def _embed_pending(job: _Job, model: EvalModel, pre: EvalPreprocess, dev: torch.
 
 
 def _finalize(job: _Job, merge: bool, skipped: int) -> EmbedResult:
-    """Write ``embeddings.csv``, ``bad_files.txt`` and (with ``merge``) the merged arrays."""
-    folder, manifest, n_shards = job.folder, job.manifest, job.n_shards
-    total = sum(int(manifest["shards"][str(i)]["rows"]) for i in range(n_shards))
+    """Write ``embeddings.csv`` and ``bad_files.txt``, merge (with ``merge``) and list the result."""
+    folder, n_shards = job.folder, job.n_shards
+    total = sum(int(job.manifest["shards"][str(i)]["rows"]) for i in range(n_shards))
     bad = [(job.paths[j], reason) for i in range(n_shards)
-           for j, reason in manifest["shards"][str(i)]["bad"]]
-    dim = int(manifest.get("dim") or 0)
+           for j, reason in job.manifest["shards"][str(i)]["bad"]]
     if total == 0:
         raise ValueError(f"none of the {len(job.paths)} images could be read (first: "
                          f"{', '.join(f'{p} ({r})' for p, r in bad[:3])})")
@@ -689,29 +741,72 @@ def _finalize(job: _Job, merge: bool, skipped: int) -> EmbedResult:
         w.writerow(["row", "path", "label"])
         rows = (j for i in range(n_shards) for j in job.rows(i))
         w.writerows([r, job.paths[j], job.labels[j]] for r, j in enumerate(rows))
-    bad_path = None
-    if bad:
-        bad_path = folder.write_text(
-            "bad_files.txt", "".join(f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in bad),
-            errors=CSV_ERRORS)
-        log.warning("skipped %d unreadable image(s) (listed in %s), first: %s", len(bad),
-                    bad_path, ", ".join(p for p, _ in bad[:3]))
-    elif folder.path("bad_files.txt").exists():
-        folder.remove(["bad_files.txt"])  # left by an earlier run; every image is readable now
-    names = [_shard_names(i, job.ext) for i in range(n_shards)]
-    emb_path = reg_path = None
-    if merge:
-        emb_path = folder.path(f"embeddings{job.ext}")
-        _merge(folder, [n[0] for n in names], emb_path.name, job.fmt, "embeddings", (total, dim),
-               job.np_dtype)
+    bad_path = _write_bad_files(folder, bad)
+    if merge or job.merged:
+        _merge_and_drop_shards(job, total)
+    folder.remove([n for n in folder.files(COMMAND) if not folder.path(n).exists()])  # ledger
+    merged = [folder.path(n) for n in job.merged_names()] if job.merged else []
+    shards = [] if job.merged else [folder.path(_shard_names(i, job.ext)[0]) for i in range(n_shards)]
+    return EmbedResult(folder.root, total, len(bad), int(job.manifest.get("dim") or 0),
+                       merged[0] if merged else None, merged[1] if len(merged) > 1 else None,
+                       folder.path("embeddings.csv"), bad_path, shards, skipped)
+
+
+def _write_bad_files(folder: OutputFolder, bad: list[tuple[str, str]]) -> Path | None:
+    """``bad_files.txt`` (``path<TAB>reason``) when an image was unreadable, else none."""
+    if not bad:
+        if folder.path("bad_files.txt").exists():
+            folder.remove(["bad_files.txt"])  # left by an earlier run; every image is readable now
+        return None
+    path = folder.write_text(
+        "bad_files.txt", "".join(f"{_tsv_field(p)}\t{_tsv_field(r)}\n" for p, r in bad),
+        errors=CSV_ERRORS)
+    log.warning("skipped %d unreadable image(s) (listed in %s), first: %s", len(bad), path,
+                ", ".join(p for p, _ in bad[:3]))
+    return path
+
+
+def _merge_and_drop_shards(job: _Job, total: int) -> None:
+    """Merge the shards, check the merged files, record them in the manifest, delete the shards.
+
+    The manifest is saved between the check and the deletion, so a crash anywhere leaves either
+    complete shards (merged again by the next run) or checked merged files (the next run deletes
+    the shards left over).
+    """
+    folder, names = job.folder, [_shard_names(i, job.ext) for i in range(job.n_shards)]
+    if not job.merged:
+        dim, tokens = int(job.manifest.get("dim") or 0), int(job.manifest.get("tokens") or 0)
+        parts = [("embeddings", job.fmt, [n[0] for n in names], (total, dim))]
         if job.regions:
-            reg_path = folder.path("regions.npy")
-            tokens = int(manifest.get("tokens") or 0)
-            _merge(folder, [n[1] for n in names], "regions.npy", "npy", "regions",
-                   (total, tokens, dim), job.np_dtype)
-    return EmbedResult(folder.root, total, len(bad), dim, emb_path, reg_path,
-                       folder.path("embeddings.csv"), bad_path,
-                       [folder.path(n[0]) for n in names], skipped)
+            parts.append(("regions", "npy", [n[1] for n in names], (total, tokens, dim)))
+        for (key, fmt, shard_files, shape), merged in zip(parts, job.merged_names(), strict=True):
+            _merge(folder, shard_files, merged, fmt, key, shape, job.np_dtype)
+            _check_merge(job, merged, fmt, key, shard_files, shape)
+        job.manifest["merged"] = {"rows": total, "files": job.merged_names()}
+        _save_manifest(folder, job.manifest)
+    n = folder.remove([name for shard in names for name in shard if folder.owns(name)])
+    if n:
+        log.info("merged %d shard(s) into %s; shard files deleted", job.n_shards,
+                 ", ".join(job.merged_names()))
+
+
+def _check_merge(job: _Job, merged: str, fmt: str, key: str, shard_files: list[str],
+                 shape: tuple[int, ...]) -> None:
+    """Raise unless ``merged`` has ``shape`` and the job's dtype and holds each shard's first
+    and last rows where they belong (the shards are deleted next)."""
+    out = _load_array(job.folder.path(merged), fmt, key)
+    if out.shape != shape or out.dtype != job.np_dtype:
+        raise RuntimeError(f"{job.folder.path(merged)}: merged {out.shape} {out.dtype}, expected "
+                           f"{shape} {job.np_dtype}; the shards are kept")
+    row = 0
+    for name in shard_files:
+        part = _load_array(job.folder.path(name), fmt, key)
+        for i in {0, len(part) - 1} if len(part) else ():
+            if not np.array_equal(out[row + i], part[i], equal_nan=True):
+                raise RuntimeError(f"{job.folder.path(merged)}: row {row + i} differs from "
+                                   f"{name}; the shards are kept")
+        row += len(part)
+        del part
 
 
 class _CallableModule(types.ModuleType):

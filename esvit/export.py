@@ -321,3 +321,40 @@ def export_backbone(
     card = backbone_card(info.name, info.backbone_kwargs, info.spec.export_ctor, info.image_size,
                          Path(out_path).name, fmt, info.checkpoint_key)
     return write_backbone(info.net, out_path, fmt, card, info.image_size)
+
+
+def export_run(out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The standard files at the end of a training run: ``backbone.safetensors`` + ``backbone.json``
+    (the teacher backbone, :func:`export_backbone`) and ``checkpoint_last.pt``, an alias (hard link,
+    else copy) of the last checkpoint, in ``out_dir``.
+
+    Args:
+        out_dir: The run folder.
+        checkpoint: The checkpoint to export (None: the newest in ``out_dir``).
+
+    Returns:
+        The path of ``backbone.safetensors``.
+
+    Raises:
+        FileNotFoundError: the run folder holds no checkpoint.
+    """
+    import os
+    import shutil
+
+    from esvit.train.checkpoint import list_checkpoints
+
+    out_dir = Path(out_dir)
+    if checkpoint is None:
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise FileNotFoundError(f"{out_dir} holds no checkpoint to export")
+        checkpoint = found[-1]
+    out = export_backbone(checkpoint, out_dir / "backbone.safetensors")
+    last, tmp = out_dir / "checkpoint_last.pt", out_dir / ".checkpoint_last.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, last)
+    return out

@@ -218,7 +218,15 @@ def test_embed_npy_csv_matches_direct_features(images, resnet_ckpt, tmp_path, ca
     assert rows[0] == ["row", "path", "label"] and len(rows) == 11
     paths = [r[1] for r in rows[1:]]
     assert paths == sorted(paths) and [r[2] for r in rows[1:]] == ["cat"] * 5 + ["dog"] * 5
-    assert len(list(out.glob("embeddings_*.npy"))) == 3  # shards of 4, 4, 2
+    # merged, then the shards (of 4, 4, 2) deleted: each embedding is stored once
+    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    assert set(files) == {"embeddings.npy", "embeddings.csv", "manifest.json", "esvit_outputs.json"}
+    assert files["embeddings.npy"] < emb.nbytes + 1024
+    ledger = json.loads((out / "esvit_outputs.json").read_text())["files"]
+    assert sorted(ledger) == ["embeddings.csv", "embeddings.npy", "manifest.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["merged"] == {"rows": 10, "files": ["embeddings.npy"]}
+    assert sorted(manifest["shards"]) == ["0", "1", "2"]
     enc = FeatureEncoder(trainer.teacher.backbone.net, load_backbone(path)[1]).eval()
     x = torch.stack([load_image(p, 32) for p in paths[:3]])
     with torch.no_grad():
@@ -238,23 +246,112 @@ def test_embed_float16_regions_and_resume(images, resnet_ckpt, tmp_path):
     emb, reg = np.load(res.embeddings), np.load(res.regions)
     assert emb.dtype == np.float16 and emb.shape == (10, 512)
     assert reg.dtype == np.float16 and reg.shape == (10, 16, 512)  # 32 px / 8 -> 4x4 tokens
-    assert np.load(out / "regions_00002.npy").shape == (2, 16, 512)
+    assert res.shards == [] and not list(out.glob("regions_*")) + list(out.glob("embeddings_*"))
     np.testing.assert_allclose(reg.astype(np.float32).mean(1), emb.astype(np.float32),
                                rtol=1e-2, atol=1e-2)
-    # a finished run is not recomputed; deleting the last shard recomputes only that one
+    # a finished run is not recomputed
     again = esvit.embed(path, images, out, **kw)
-    assert again.skipped_shards == 3
-    (out / "embeddings_00002.npy").unlink()
+    assert again.skipped_shards == 3 and np.array_equal(np.load(again.embeddings), emb)
+    # merged files lost (the shards are gone): everything is embedded again
     (out / "embeddings.npy").unlink()
-    resumed = esvit.embed(path, images, out, **kw)
-    assert resumed.skipped_shards == 2
-    assert np.array_equal(np.load(resumed.embeddings), emb)
-    assert np.array_equal(np.load(resumed.regions), reg)
+    redone = esvit.embed(path, images, out, **kw)
+    assert redone.skipped_shards == 0 and np.array_equal(np.load(redone.embeddings), emb)
     # other settings in the same folder are refused unless overwrite
     with pytest.raises(ValueError, match="other settings .*dtype"):
         esvit.embed(path, images, out, **{**kw, "dtype": "float32"})
     fresh = esvit.embed(path, images, out, **{**kw, "dtype": "float32"}, overwrite=True)
     assert fresh.skipped_shards == 0 and np.load(fresh.embeddings).dtype == np.float32
+
+
+def _ledger_matches_folder(out: Path, finished: bool = True) -> None:
+    """Every file is listed; once finished, nothing else is (a killed run may have listed a
+    file it was about to write)."""
+    listed = set(json.loads((out / "esvit_outputs.json").read_text())["files"])
+    present = {p.name for p in out.iterdir() if p.is_file()} - {"esvit_outputs.json"}
+    assert present == listed if finished else present <= listed
+
+
+def test_embed_killed_mid_extraction_resumes_and_reads(images, resnet_ckpt, tmp_path,
+                                                       monkeypatch):
+    import numpy as np
+
+    import esvit.embed as emb_mod
+    from esvit.viz.embeddings import read_embeddings
+
+    path, _ = resnet_ckpt
+    kw = dict(shard_size=4, batch_size=2, regions=True, progress=False)
+    ref = emb_mod.embed_images(path, images, tmp_path / "ref", **kw)
+    out = tmp_path / "emb"
+    real_add = emb_mod._ShardSink.add
+
+    def add(self, shard, *args, **kwargs):  # killed in the third shard
+        real_add(self, shard, *args, **kwargs)
+        if shard == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(emb_mod._ShardSink, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        emb_mod.embed_images(path, images, out, **kw)
+    monkeypatch.undo()
+    # the unfinished folder: two shards, readable as they are
+    assert sorted(p.name for p in out.glob("embeddings*")) == ["embeddings_00000.npy",
+                                                                "embeddings_00001.npy"]
+    part = read_embeddings(out)
+    assert len(part.x) == 8 and part.paths == [r[1] for r in _read_csv(ref.csv)[1:9]]
+    _ledger_matches_folder(out, finished=False)
+    res = emb_mod.embed_images(path, images, out, **kw)
+    assert res.skipped_shards == 2 and res.shards == []
+    np.testing.assert_allclose(np.load(res.embeddings), np.load(ref.embeddings), atol=1e-6)
+    np.testing.assert_allclose(np.load(res.regions), np.load(ref.regions), atol=1e-6)
+    assert np.allclose(read_embeddings(out).x, np.load(ref.embeddings), atol=1e-6)
+    _ledger_matches_folder(out)
+
+
+def test_embed_killed_while_merging_loses_nothing(images, resnet_ckpt, tmp_path, monkeypatch):
+    import numpy as np
+
+    import esvit.embed as emb_mod
+    from esvit.eval.outputs import OutputFolder
+    from esvit.viz.embeddings import read_embeddings
+
+    path, _ = resnet_ckpt
+    kw = dict(shard_size=4, batch_size=4, progress=False)
+    ref = np.load(emb_mod.embed_images(path, images, tmp_path / "ref", **kw).embeddings)
+    out = tmp_path / "emb"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # 1. killed after the merged file is written, before the manifest records it
+    monkeypatch.setattr(emb_mod, "_check_merge", killed)
+    with pytest.raises(KeyboardInterrupt):
+        emb_mod.embed_images(path, images, out, **kw)
+    monkeypatch.undo()
+    assert "merged" not in json.loads((out / "manifest.json").read_text())
+    assert len(list(out.glob("embeddings_*.npy"))) == 3
+    assert np.allclose(read_embeddings(out).x, ref, atol=1e-6)
+    # 2. killed after the manifest records the merge, while deleting the shards
+    real_remove = OutputFolder.remove
+
+    def remove(self, names):
+        names = list(names)
+        if any(n.startswith("embeddings_") for n in names):
+            real_remove(self, names[:1])
+            raise KeyboardInterrupt
+        return real_remove(self, names)
+
+    monkeypatch.setattr(OutputFolder, "remove", remove)
+    with pytest.raises(KeyboardInterrupt):
+        emb_mod.embed_images(path, images, out, **kw)
+    monkeypatch.undo()
+    assert json.loads((out / "manifest.json").read_text())["merged"]["rows"] == 10
+    assert len(list(out.glob("embeddings_*.npy"))) == 2
+    assert np.allclose(read_embeddings(out).x, ref, atol=1e-6)
+    # the next run finds the merged file and deletes what is left of the shards
+    res = emb_mod.embed_images(path, images, out, **kw)
+    assert res.skipped_shards == 3 and not list(out.glob("*_0000*"))
+    assert np.allclose(np.load(res.embeddings), ref, atol=1e-6)
+    _ledger_matches_folder(out)
 
 
 def test_embed_pt_format_list_file_and_bad_images(images, resnet_ckpt, tmp_path, caplog):

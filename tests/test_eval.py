@@ -276,8 +276,8 @@ def test_linear_probe_lbfgs_and_cache(folder, ckpt, tmp_path, monkeypatch):
     assert len(list((out / "features").glob("*.pt"))) == 2
     # second run: features come from the cache, the backbone is not called
     calls = []
-    real = feat_mod.encode_dataset
-    monkeypatch.setattr(feat_mod, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = feat_mod.encode_views
+    monkeypatch.setattr(feat_mod, "encode_views", lambda *a, **k: calls.append(1) or real(*a, **k))
     res2 = linear_probe(ckpt, folder, val_split=3, output_dir=out, progress=False)
     assert calls == [] and res2["val"] == res["val"]
     # other feature options -> new cache entries
@@ -312,7 +312,7 @@ def test_knn_eval_api(folder, ckpt, tmp_path):
     assert saved["knn"] == res["knn"] and saved["preprocess"]["protocol"] == "resize"
     # what the numbers were computed on
     assert saved["protocol"] == "knn" and saved["n_val"] == 9 and saved["num_classes"] == 3
-    assert saved["chance"] == {"top1": pytest.approx(100 / 3)} and saved["ks"] == [1, 5, 21]
+    assert saved["chance"] == {"top1": 33.3333} and saved["ks"] == [1, 5, 21]
     assert saved["val_in_bank"] == 0 and saved["flags"][0].startswith("tiny validation set: 9")
     # k larger than the bank is refused, not clipped
     with pytest.raises(MeaninglessEvaluationError, match=r"k=200 is larger than the bank \(21"):
@@ -338,7 +338,7 @@ def test_cli_linear_smoke(folder, ckpt, tmp_path, capsys):
     assert "warning: tiny validation set: 9 images" in printed
     saved = json.loads((out / "linear_results.json").read_text())
     assert saved["n_val"] == 9 and saved["protocol"] == "linear"
-    assert saved["chance"]["val"] == {"top1": pytest.approx(100 / 3)}
+    assert saved["chance"]["val"] == {"top1": 33.3333}
     assert (out / "linear_classifier.pt").is_file()
 
 
@@ -378,3 +378,91 @@ def test_cli_errors_are_one_line(folder, ckpt, tmp_path, capsys):
     rc = linear_main(["--checkpoint", str(ckpt), "--data", str(folder), "--output-dir",
                       str(tmp_path / "o")])
     assert rc == 2 and "exactly one of val" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- outputs without waste
+
+
+def _count_encodes(monkeypatch):
+    from esvit.eval import features as feat_mod
+
+    calls: list[list[str]] = []
+    real = feat_mod.encode_views
+
+    def spy(model, dataset, device, views=("plain",), *args, **kwargs):
+        calls.append(list(views))
+        return real(model, dataset, device, views, *args, **kwargs)
+
+    monkeypatch.setattr(feat_mod, "encode_views", spy)
+    return calls
+
+
+def test_knn_then_linear_compute_and_store_features_once(folder, ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    from esvit.cli.knn import main as knn_main
+    from esvit.cli.linear import main as linear_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = shutil.copy2(ckpt, run / ckpt.name)  # a checkpoint folder of its own
+    calls = _count_encodes(monkeypatch)
+    common = ["--checkpoint", str(ck), "--data", str(folder), "--val-split", "3",
+              "--num-workers", "0", "--no-progress"]
+    assert knn_main([*common, "--ks", "1", "5"]) == 0
+    assert calls == [["plain"], ["plain"]]  # bank and queries
+    cache = run / "eval_features"
+    assert len(list(cache.glob("features_*.pt"))) == 2
+    assert linear_main(common) == 0
+    assert calls == [["plain"], ["plain"]]  # the linear probe read them: nothing computed
+    # flip mode computes (and stores) only the flipped view of the training images
+    assert linear_main([*common, "--mode", "flip"]) == 0
+    assert calls[2:] == [["hflip"]] and len(list(cache.glob("features_*.pt"))) == 3
+    # one copy of each feature matrix: nothing cached in the results folders
+    assert not list((run / "knn_eval").rglob("*.pt"))
+    assert [p.name for p in (run / "linear_eval").rglob("*.pt")] == ["linear_classifier.pt"]
+    ledger = json.loads((cache / "esvit_outputs.json").read_text())["files"]
+    assert sorted(ledger) == sorted(p.name for p in cache.glob("features_*.pt"))
+    # the cache key names what the features are, not who asked for them
+    from esvit.train.checkpoint import safe_load
+
+    keys = [safe_load(p)["key"] for p in cache.glob("features_*.pt")]
+    assert {k["view"] for k in keys} == {"plain", "hflip"}
+    assert all("split" not in k and "command" not in k for k in keys)
+    # API: an explicit shared cache_dir, results elsewhere
+    from esvit.eval.knn import knn_eval
+    from esvit.eval.linear import linear_probe
+
+    knn_eval(ck, folder, val_split=3, ks=(1,), output_dir=tmp_path / "k", cache_dir=cache,
+             progress=False)
+    linear_probe(ck, folder, val_split=3, output_dir=tmp_path / "l", cache_dir=cache,
+                 progress=False)
+    assert len(calls) == 3 and not (tmp_path / "k" / "features").exists()
+
+
+def test_results_files_round_accuracies_and_order_k_numerically(folder, ckpt, tmp_path):
+    import re
+
+    from esvit.eval.knn import describe_knn, knn_eval
+    from esvit.eval.linear import linear_probe
+
+    res = knn_eval(ckpt, folder, val_split=3, ks=(21, 2, 10, 1), output_dir=tmp_path / "k",
+                   progress=False)
+    assert list(res["knn"]) == ["1", "2", "10", "21"] and res["ks"] == [1, 2, 10, 21]
+    text = (tmp_path / "k" / "knn_results.json").read_text()
+    saved = json.loads(text)
+    assert list(saved["knn"]) == ["1", "2", "10", "21"]  # numeric order in the file too
+    assert [int(line[2:6]) for line in describe_knn(saved)[:4]] == [1, 2, 10, 21]
+    lin = linear_probe(ckpt, folder, val_split=3, output_dir=tmp_path / "l", progress=False)
+    lin_text = (tmp_path / "l" / "linear_results.json").read_text()
+    for t in (text, lin_text):
+        assert not re.search(r"\d\.\d{5,}", t), t  # no float32 noise: 4 decimals at most
+    for acc in [*saved["knn"].values(), lin["train"], lin["val"]]:
+        for v in acc.values():
+            assert v == round(v, 4) and 0 <= v <= 100
+    # exact from counts: 2 of 3 correct is 66.6667, not 66.66666388511658
+    assert accuracy(torch.tensor([[1.0, 0], [1, 0], [0, 1]]), torch.tensor([0, 1, 1])) == {
+        "top1": 66.6667}
+    # an old results file (keys in text order) is still described in numeric order
+    old = {**saved, "knn": {k: saved["knn"][k] for k in ("1", "10", "2", "21")}}
+    assert [int(line[2:6]) for line in describe_knn(old)[:4]] == [1, 2, 10, 21]

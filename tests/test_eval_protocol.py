@@ -215,8 +215,8 @@ def test_knn_and_linear_results_record_the_protocol_and_cache_by_it(large, small
     assert res["preprocess"]["protocol"] == saved["preprocess"]["protocol"] == "dino"
     assert saved["preprocess"]["requested"] == "auto" and saved["preprocess"]["decode_size"] == 37
     calls: list[int] = []
-    real = feat_mod.encode_dataset
-    monkeypatch.setattr(feat_mod, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = feat_mod.encode_views
+    monkeypatch.setattr(feat_mod, "encode_views", lambda *a, **k: calls.append(1) or real(*a, **k))
     # explicit dino = what auto chose: served from the cache; resize: new cache entries
     again = knn_eval(ckpt, large, val_split=2, ks=(1, 3), output_dir=out, preprocess="dino",
                      progress=False)
@@ -227,7 +227,7 @@ def test_knn_and_linear_results_record_the_protocol_and_cache_by_it(large, small
     assert resized["preprocess"] == {"protocol": "resize", "requested": "resize", "image_size": 32,
                                      "decode_size": 32, "crop_size": None}
     # cached dino features are those of the decoded, centre-cropped images
-    cache = [safe_load(p) for p in (out / "features").glob("val_*.pt")]
+    cache = [safe_load(p) for p in (out / "features").glob("features_*.pt")]
     dino_val = next(c for c in cache if c["key"]["data"]["preprocess"] == "dino")
     assert dino_val["key"]["data"]["crop_size"] == 32
 

@@ -137,9 +137,11 @@ def test_embeddings_csv_is_rfc4180_and_rows_name_their_own_image(odd_folder, tmp
     for r in rows[1:]:
         np.testing.assert_allclose(x[int(r[0])], y[by_path[r[1]]], rtol=1e-5, atol=1e-5)
     assert len({tuple(np.round(v, 4)) for v in x}) == 15  # distinct images, so a shift would show
-    # the per-shard lists too
+    # the per-shard lists too (kept without merging)
+    kept = embed_images(nano(), odd_folder, tmp_path / "shards", image_size=16, shard_size=4,
+                        batch_size=3, merge=False, progress=False)
     shard_rows = [row for i in range(4) for row in read_embeddings_csv(
-        res.out_dir / f"paths_{i:05d}.csv")[1:]]
+        kept.out_dir / f"paths_{i:05d}.csv")[1:]]
     assert [r[0] for r in shard_rows] == files
 
 
@@ -195,10 +197,12 @@ def test_foreign_files_in_embed_out_are_refused_and_untouched(tmp_path, capsys, 
 def test_overwrite_deletes_only_what_the_ledger_lists(tmp_path):
     src = classes_folder(tmp_path / "src", {"x": 3, "y": 3})
     out = tmp_path / "out"
-    first = embed_images(nano(), src, out, image_size=16, shard_size=2, progress=False)
+    first = embed_images(nano(), src, out, image_size=16, shard_size=2, merge=False,
+                         progress=False)
     ledger = json.loads((out / LEDGER).read_text())
-    assert ledger["files"]["embeddings.npy"] == "esvit-embed" and "paths_00002.csv" in ledger["files"]
+    assert ledger["files"]["embeddings_00000.npy"] == "esvit-embed" and "paths_00002.csv" in ledger["files"]
     assert sorted(p.name for p in first.shards) == [f"embeddings_0000{i}.npy" for i in range(3)]
+    first_x = np.concatenate([np.load(p) for p in first.shards])
     # a user file dropped in later: every later run refuses the folder, --overwrite included
     (out / "embeddings_backup.npy").write_bytes(b"user data")
     with pytest.raises(ForeignFilesError, match="embeddings_backup.npy"):
@@ -212,9 +216,9 @@ def test_overwrite_deletes_only_what_the_ledger_lists(tmp_path):
     again = embed_images(nano(), src, out, image_size=16, shard_size=3, overwrite=True,
                          progress=False)
     assert again.skipped_shards == 0 and not (out / "embeddings_00002.npy").exists()
-    assert np.allclose(np.load(again.embeddings), np.load(first.embeddings), atol=1e-6)
+    assert np.allclose(np.load(again.embeddings), first_x, atol=1e-6)
     names = {p.name for p in out.iterdir()} - {LEDGER, TMP_DIR}
-    assert names <= set(json.loads((out / LEDGER).read_text())["files"])
+    assert names == set(json.loads((out / LEDGER).read_text())["files"])  # deleted: unlisted
 
 
 def test_killed_run_leftovers_are_cleared_and_never_foreign(tmp_path):
@@ -237,6 +241,20 @@ def test_two_commands_on_one_folder(tmp_path):
         first.release()
     OutputFolder(tmp_path / "o", "esvit-knn").claim().release()  # free again
     assert not (tmp_path / "o").exists()  # a claim that wrote nothing leaves nothing behind
+
+
+def test_a_shared_folder_claimed_with_a_wait_gets_it_once_free(tmp_path):
+    import threading
+
+    holder = OutputFolder(tmp_path / "cache", "esvit-knn").claim()
+    with pytest.raises(FolderBusyError):
+        OutputFolder(tmp_path / "cache", "esvit-linear").claim(wait=0.2)
+    timer = threading.Timer(0.3, holder.release)
+    timer.start()
+    try:
+        OutputFolder(tmp_path / "cache", "esvit-linear").claim(wait=10).release()
+    finally:
+        timer.join()
 
 
 def test_a_failed_eval_leaves_no_output_folder(tmp_path, capsys):

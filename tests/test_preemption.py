@@ -247,6 +247,21 @@ def test_two_real_runs_racing_for_one_directory(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
 
 
+def test_torchrun_job_in_a_locked_directory_stops_every_rank(tmp_path: Path) -> None:
+    from esvit.run.lock import OutputLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with OutputLock(out, "holder"):  # rank 0 alone tries the lock; rank 1 learns the outcome
+        t0 = time.monotonic()
+        res = subprocess.run(_torchrun_cmd(out), env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [ln.split("error: ", 1)[1] for ln in (res.stdout + res.stderr).splitlines() if "error: " in ln]
+    print(f"\nlocked directory under torchrun: rc {res.returncode} after {time.monotonic() - t0:.1f} s; {errors[:1]}")
+    assert res.returncode != 0 and len(errors) == 2, res.stderr[-3000:]
+    assert all(f"in use by another run (pid {os.getpid()} on host " in e for e in errors)
+    assert not (out / "metrics.jsonl").exists() and not ckpt.list_checkpoints(out)
+
+
 # --------------------------------------------------------------------------------------- stalls
 
 STALL = r"""

@@ -282,8 +282,21 @@ def test_accepted_config_change_is_logged_and_keeps_the_config_history(
                for r in caplog.records)
     assert (tmp_path / "config.yaml").read_bytes() == first  # never overwritten
     assert "lr: 0.001" in (tmp_path / "config.resume-1.yaml").read_text()
+    train(cfg(tmp_path, "optim.lr=1e-3"), resume="auto", allow_config_change=True)  # the same again
+    assert not (tmp_path / "config.resume-2.yaml").exists()
     train(cfg(tmp_path, "optim.lr=1e-3", "optim.epochs=3"), resume="auto", allow_config_change=True)
     assert (tmp_path / "config.resume-2.yaml").is_file() and (tmp_path / "config.yaml").read_bytes() == first
+
+
+def test_fresh_start_after_a_failed_attempt_keeps_its_config(tmp_path: Path) -> None:
+    from esvit.run.errors import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError):  # dies at step 1, before any checkpoint
+        train(cfg(tmp_path, "optim.lr=1e30", "optim.warmup_epochs=0", "optim.clip_grad=0"))
+    assert not ckpt.list_checkpoints(tmp_path)
+    train(cfg(tmp_path), max_steps=1)  # a fresh run may start there: no checkpoint to continue
+    assert "lr: 1.0e+30" in (tmp_path / "config.previous-1.yaml").read_text()
+    assert "lr: 0.0005" in (tmp_path / "config.yaml").read_text()
 
 
 def test_changed_data_set_is_refused_and_a_moved_one_accepted(tmp_path: Path) -> None:

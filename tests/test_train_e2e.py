@@ -51,6 +51,17 @@ def test_run_writes_config_metrics_and_checkpoints(tmp_path: Path) -> None:
     assert ckpt.list_checkpoints(tmp_path) == [res.last_checkpoint]
     state = torch.load(res.last_checkpoint, weights_only=True)
     assert state["step"] == res.step and "optimizer" in state and "rng" in state
+    # the standard files a run ends with: the teacher backbone + card, and a last-checkpoint alias
+    import json
+
+    from safetensors.torch import load_file
+
+    card = json.loads((tmp_path / "backbone.json").read_text())
+    assert card["backbone"] == "vit_nano" and card["weights"] == "backbone.safetensors"
+    teacher = {k[len("backbone.net."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.net.")}
+    exported = load_file(str(tmp_path / "backbone.safetensors"))
+    assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    assert (tmp_path / "checkpoint_last.pt").read_bytes() == res.last_checkpoint.read_bytes()
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path: Path) -> None:

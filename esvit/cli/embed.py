@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save region tokens (n, tokens, d) per shard")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=10000, help="images per resumable shard")
-    p.add_argument("--no-merge", action="store_true", help="keep per-shard files only")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the per-shard files instead of merging them into one file (by "
+                        "default the shards are deleted once merged: each embedding is stored once)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an extraction made with other settings in --out (only files "
                         "esvit-embed recorded writing there are deleted; a folder holding other "

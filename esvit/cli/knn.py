@@ -10,6 +10,22 @@ from esvit.cli.common import add_preprocess_arg
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``--no-cache`` (the feature cache shared by esvit-knn and esvit-linear)."""
+    p.add_argument("--cache-dir",
+                   help="feature cache, shared by esvit-knn and esvit-linear: features of the same "
+                        "checkpoint, images and protocol are computed once (default: "
+                        "<checkpoint dir>/eval_features, or <output-dir>/features with --output-dir)")
+    p.add_argument("--no-cache", action="store_true", help="do not cache features")
+
+
+def cache_dir(args: argparse.Namespace) -> str | None:
+    """The ``cache_dir`` argument of the evaluation API for parsed CLI ``args``."""
+    if args.cache_dir or args.output_dir:
+        return args.cache_dir
+    return str(Path(args.checkpoint).parent / "eval_features")
+
+
 def add_split_args(p: argparse.ArgumentParser) -> None:
     """``--train/--data``, ``--val`` and ``--val-split``."""
     p.add_argument("--train", "--data", dest="train", required=True,
@@ -31,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "those larger than the bank dropped)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
-    p.add_argument("--output-dir",
-                   help="knn_results.json and feature cache (default: <checkpoint dir>/knn_eval)")
-    p.add_argument("--no-cache", action="store_true", help="do not cache features")
+    p.add_argument("--output-dir", help="knn_results.json (default: <checkpoint dir>/knn_eval)")
+    add_cache_args(p)
     return p
 
 
@@ -51,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         res = knn_eval(args.checkpoint, args.train, args.val, val_split=args.val_split,
                        ks=tuple(args.ks) if args.ks else None, temperature=args.temperature,
                        batch_size=args.batch_size, output_dir=out_dir,
-                       cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args))
+                       cache=not args.no_cache, cache_dir=cache_dir(args),
+                       preprocess=args.preprocess, **backbone_kwargs(args))
         for line in describe_knn(res):
             print(line)
         print(f"preprocessing: {describe_preprocess(res['preprocess'])}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from esvit.cli.common import add_preprocess_arg
 from esvit.cli.export import add_backbone_args, backbone_kwargs, known_errors
-from esvit.cli.knn import add_split_args
+from esvit.cli.knn import add_cache_args, add_split_args, cache_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir",
-                   help="results, classifier and feature cache (default: <checkpoint dir>/linear_eval)")
-    p.add_argument("--no-cache", action="store_true", help="do not cache features")
+                   help="results and classifier (default: <checkpoint dir>/linear_eval)")
+    add_cache_args(p)
     return p
 
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.train, args.val, val_split=args.val_split, output_dir=out_dir,
             mode=args.mode, solver=args.solver, norm=args.norm, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, l2=args.l2, max_iter=args.max_iter, seed=args.seed,
-            cache=not args.no_cache, preprocess=args.preprocess, **backbone_kwargs(args),
+            cache=not args.no_cache, cache_dir=cache_dir(args), preprocess=args.preprocess,
+            **backbone_kwargs(args),
         )
         for line in describe_linear(res):
             print(line)

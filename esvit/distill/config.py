@@ -21,10 +21,12 @@ from esvit.config import (
     MAPPING,
     PROB,
     RUN_RANGES,
+    TEMPERATURE,
     CheckpointConfig,
     Link,
     LoggingConfig,
     Ranges,
+    Rule,
     check_config,
     choice,
     load_yaml_config,
@@ -37,6 +39,8 @@ from esvit.config import (
 __all__ = [
     "DISTILL_LINKS",
     "DISTILL_RANGES",
+    "FEATURE_KINDS",
+    "LABEL_FREE_KINDS",
     "LOSS_KINDS",
     "TEACHER_KINDS",
     "DistillAugmentConfig",
@@ -55,12 +59,21 @@ __all__ = [
 
 TEACHER_KINDS = ("none", "linear", "torchvision", "classifier")
 TEACHER_MODES = ("online", "cached")
-LOSS_KINDS = ("ce", "kd", "dkd", "dist", "deit_soft", "deit_hard")
+LOSS_KINDS = ("ce", "kd", "dkd", "dist", "deit_soft", "deit_hard", "nkd", "fitnet", "crd", "ofa", "feature")
+#: Kinds that read intermediate stages of the networks (the teacher must run online).
+FEATURE_KINDS = ("fitnet", "crd", "ofa", "feature")
+#: Kinds that never read labels (the data may be unlabelled).
+LABEL_FREE_KINDS = ("feature",)
 DATA_KINDS = ("folder", "synthetic", "cifar10", "cifar100")
 
 KD_TEMPERATURE = num(0, 100, lo_open=True, why="softens the logits; beyond 100 any classifier's softmax is "
                                                 "uniform, inf gives a constant loss")
 WEIGHT = num(0, why="a loss weight")
+STAGES = Rule("a list of module names (empty: the default stages)",
+              lambda v: all(isinstance(x, str) and x.strip() for x in v),
+              why="stage names as esvit.distill.methods.list_stages prints them; checked when the models are built")
+STAGE = text(null="the network's feature output, its last stage",
+             why="a stage name as esvit.distill.methods.list_stages prints it; checked when the models are built")
 
 
 @dataclass
@@ -189,8 +202,97 @@ DEIT_RANGES: Ranges = {"alpha": PROB, "tau": KD_TEMPERATURE}
 
 
 @dataclass
+class NKDParams:
+    """NKD (Yang 2023): ``ce_weight * CE - T_t log S_t - gamma * temperature^2 * sum_{i != t} N(T_i) log N(S_i)``."""
+
+    gamma: float = 1.5
+    temperature: float = 1.0
+    ce_weight: float = 1.0
+
+
+NKD_RANGES: Ranges = {"gamma": WEIGHT, "temperature": KD_TEMPERATURE, "ce_weight": WEIGHT}
+
+
+@dataclass
+class FitNetParams:
+    """FitNet (Romero 2015): ``ce_weight * CE + weight * sum_pairs MSE(regressor(student stage), teacher stage)``;
+    empty stage lists: the last stages of both networks (up to 4, deepest with deepest)."""
+
+    student_stages: list[str] = field(default_factory=list)
+    teacher_stages: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+FITNET_RANGES: Ranges = {"student_stages": STAGES, "teacher_stages": STAGES, "weight": WEIGHT, "ce_weight": WEIGHT}
+
+
+@dataclass
+class CRDParams:
+    """CRD (Tian 2020): ``ce_weight * CE + weight * (NCE_student + NCE_teacher)`` with memory banks of
+    ``num_negatives`` negatives (RepDistiller's defaults)."""
+
+    student_stage: str | None = None
+    teacher_stage: str | None = None
+    feat_dim: int = 128
+    num_negatives: int = 16384
+    temperature: float = 0.07
+    momentum: float = 0.5
+    weight: float = 0.8
+    ce_weight: float = 1.0
+
+
+CRD_RANGES: Ranges = {
+    "student_stage": STAGE, "teacher_stage": STAGE, "feat_dim": num(1),
+    "num_negatives": num(1, why="below the number of training images, checked when the run starts"),
+    "temperature": TEMPERATURE, "momentum": num(0, 1, hi_open=True, why="1 never updates the memory bank"),
+    "weight": WEIGHT, "ce_weight": WEIGHT,
+}
+
+
+@dataclass
+class OFAParams:
+    """OFA-KD (Hao 2023): ``ce_weight * CE + logit_weight * OFA(head) + branch_weight * sum OFA(branch exits)``;
+    empty ``stages``: the student's default stages (up to 4)."""
+
+    stages: list[str] = field(default_factory=list)
+    eps: float = 1.0
+    temperature: float = 1.0
+    form: str = "paper"
+    branch_weight: float = 1.0
+    logit_weight: float = 1.0
+    ce_weight: float = 0.0
+
+
+OFA_RANGES: Ranges = {
+    "stages": STAGES, "eps": num(0, lo_open=True, why="target enhancement (1 + p)^eps; the paper uses eps >= 1"),
+    "temperature": KD_TEMPERATURE, "form": choice("paper", "official"), "branch_weight": WEIGHT,
+    "logit_weight": WEIGHT, "ce_weight": WEIGHT,
+}
+
+
+@dataclass
+class FeatureParams:
+    """Label-free: ``pooled_weight * d(proj(student pooled), teacher pooled) + region_weight * d(proj(student
+    regions), teacher regions)``; null stages: the feature output of each network."""
+
+    student_stage: str | None = None
+    teacher_stage: str | None = None
+    criterion: str = "cosine"
+    pooled_weight: float = 1.0
+    region_weight: float = 1.0
+
+
+FEATURE_RANGES: Ranges = {"student_stage": STAGE, "teacher_stage": STAGE, "criterion": choice("cosine", "mse", "smooth_l1"),
+                          "pooled_weight": WEIGHT, "region_weight": WEIGHT}
+
+
+@dataclass
 class DistillLossConfig:
-    """Objective: ``kind`` picks one of the parameter sections below."""
+    """Objective: ``kind`` picks a distiller of :mod:`esvit.distill.methods` (its registry name) and the
+    parameter section of that name below (``ce``: none; ``deit_soft`` / ``deit_hard``: ``deit``).
+    ``feature`` is label-free; ``fitnet``, ``crd``, ``ofa`` and ``feature`` read stages of the networks
+    found by hooks (names as :func:`esvit.distill.methods.list_stages` prints them)."""
 
     kind: str = "kd"
     label_smoothing: float = 0.0
@@ -198,6 +300,11 @@ class DistillLossConfig:
     dkd: DKDParams = field(default_factory=DKDParams)
     dist: DISTParams = field(default_factory=DISTParams)
     deit: DeiTParams = field(default_factory=DeiTParams)
+    nkd: NKDParams = field(default_factory=NKDParams)
+    fitnet: FitNetParams = field(default_factory=FitNetParams)
+    crd: CRDParams = field(default_factory=CRDParams)
+    ofa: OFAParams = field(default_factory=OFAParams)
+    feature: FeatureParams = field(default_factory=FeatureParams)
 
 
 LOSS_RANGES: Ranges = {"kind": choice(*LOSS_KINDS), "label_smoothing": num(0, 1, hi_open=True)}
@@ -224,6 +331,7 @@ class DistillDataConfig:
     max_bad_fraction: float = 0.01
     synthetic_images: int = 512
     synthetic_classes: int = 10
+    loader_timeout_s: float | None = None
 
 
 DATA_RANGES: Ranges = {
@@ -237,6 +345,7 @@ DATA_RANGES: Ranges = {
     "max_bad_fraction": PROB,
     "synthetic_images": num(1),
     "synthetic_classes": num(2, why="a classifier needs two classes"),
+    "loader_timeout_s": num(0, null="$ESVIT_LOADER_TIMEOUT, else 600", why="seconds a decode worker may take for one batch before the run stops with a message; 0: wait forever"),
 }
 
 
@@ -343,7 +452,8 @@ class DistillConfig:
 DISTILL_RANGES: dict[type, Ranges] = {
     DistillConfig: RUN_RANGES, StudentConfig: STUDENT_RANGES, TeacherConfig: TEACHER_RANGES,
     DistillLossConfig: LOSS_RANGES, KDParams: KD_RANGES, DKDParams: DKD_RANGES, DISTParams: DIST_RANGES,
-    DeiTParams: DEIT_RANGES, DistillDataConfig: DATA_RANGES, DistillAugmentConfig: AUGMENT_RANGES,
+    DeiTParams: DEIT_RANGES, NKDParams: NKD_RANGES, FitNetParams: FITNET_RANGES, CRDParams: CRD_RANGES,
+    OFAParams: OFA_RANGES, FeatureParams: FEATURE_RANGES, DistillDataConfig: DATA_RANGES, DistillAugmentConfig: AUGMENT_RANGES,
     DistillOptimConfig: OPTIM_RANGES, DistillEvalConfig: EVAL_RANGES, LoggingConfig: LOGGING_RANGES,
     CheckpointConfig: CHECKPOINT_RANGES,
 }
@@ -364,6 +474,16 @@ DISTILL_LINKS: tuple[Link, ...] = (
     Link("loss.dist.ce_weight", "> 0, or loss.dist.beta or loss.dist.gamma > 0, while loss.kind is dist (else "
          "nothing trains)", lambda c: _some_weight(c, "dist", "beta", "gamma", "ce_weight"),
          ("loss.dist.beta", "loss.dist.gamma")),
+    Link("loss.fitnet.ce_weight", "> 0, or loss.fitnet.weight > 0, while loss.kind is fitnet (else nothing trains)",
+         lambda c: _some_weight(c, "fitnet", "weight", "ce_weight"), ("loss.fitnet.weight",)),
+    Link("loss.crd.ce_weight", "> 0, or loss.crd.weight > 0, while loss.kind is crd (else nothing trains)",
+         lambda c: _some_weight(c, "crd", "weight", "ce_weight"), ("loss.crd.weight",)),
+    Link("loss.ofa.ce_weight", "> 0, or loss.ofa.logit_weight or loss.ofa.branch_weight > 0, while loss.kind is ofa "
+         "(else nothing trains)", lambda c: _some_weight(c, "ofa", "logit_weight", "branch_weight", "ce_weight"),
+         ("loss.ofa.logit_weight", "loss.ofa.branch_weight")),
+    Link("loss.feature.region_weight", "> 0, or loss.feature.pooled_weight > 0, while loss.kind is feature (else "
+         "nothing trains)", lambda c: _some_weight(c, "feature", "pooled_weight", "region_weight"),
+         ("loss.feature.pooled_weight",)),
     Link("optim.min_lr", "<= the peak LR optim.lr * optim.batch_size / 256",
          lambda c: c.optim.min_lr <= peak_lr(c.optim), ("optim.lr", "optim.batch_size")),
     Link("optim.warmup_epochs", "<= optim.epochs", lambda c: c.optim.warmup_epochs <= c.optim.epochs,
@@ -372,6 +492,9 @@ DISTILL_LINKS: tuple[Link, ...] = (
          lambda c: c.loss.kind.startswith("deit") == c.student.deit, ("student.deit",)),
     Link("teacher.kind", "none exactly when loss.kind is ce (ce trains on labels only, the others distil from a "
          "teacher)", lambda c: (c.teacher.kind == "none") == (c.loss.kind == "ce"), ("loss.kind",)),
+    Link("teacher.mode", "online while loss.kind is fitnet, crd, ofa or feature (they read the teacher's "
+         "intermediate stages on the student's crops)",
+         lambda c: c.teacher.mode == "online" or c.loss.kind not in FEATURE_KINDS, ("loss.kind",)),
     Link("teacher.checkpoint", "set while teacher.kind is linear (a pretrained backbone) or classifier (an "
          "esvit-distill checkpoint or student.pt)",
          lambda c: c.teacher.kind not in ("linear", "classifier") or c.teacher.checkpoint is not None,

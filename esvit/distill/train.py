@@ -17,10 +17,11 @@ and, for DeiT students, ``student_vit.pt`` (plain torchvision ``VisionTransforme
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from esvit.config import config_to_dict
 from esvit.data import BadImageCounter
 from esvit.data.sampler import EpochBlockSampler
 from esvit.distill.augment import TrainAugment
-from esvit.distill.config import DistillConfig, DistillLossConfig
+from esvit.distill.config import DistillConfig
 from esvit.distill.data import DataSplits, build_splits
 from esvit.distill.deit import DeiTVisionTransformer, build_student
 from esvit.distill.evaluate import evaluate, log_eval
@@ -46,11 +47,12 @@ from esvit.distill.exports import (
     RESULTS_FILE,
     write_exports,
 )
-from esvit.distill.losses import DeiTDistillationLoss, DISTLoss, DKDLoss, KDLoss, LabelLoss
+from esvit.distill.methods import DistillContext, MethodRunner
 from esvit.distill.teachers import FrozenTeacher, build_teacher, load_classifier
-from esvit.eval.features import make_loader, preprocess, write_json
+from esvit.eval.features import make_loader, preprocess
 from esvit.run.engine import Run, RunSpec, Throughput
 from esvit.run.errors import NonFiniteLossError
+from esvit.run.fsio import atomic_write_text
 from esvit.run.resume import dataset_identity
 from esvit.schedules import warmup_cosine
 from esvit.train import checkpoint as ckpt
@@ -68,7 +70,6 @@ __all__ = [
     "FrozenTeacher",
     "NonFiniteLossError",
     "TrainAugment",
-    "build_criterion",
     "build_splits",
     "build_teacher",
     "distill",
@@ -116,7 +117,7 @@ class _Parts:
     student: nn.Module
     teacher: FrozenTeacher | None
     augment: TrainAugment
-    criterion: nn.Module
+    runner: MethodRunner  # the loss.kind distiller with its feature taps
     opt: torch.optim.Optimizer
     meta: dict[str, Any]
     bad_counter: BadImageCounter
@@ -142,27 +143,6 @@ class _CpuClock:
         return float(t.item())
 
 
-# ----------------------------------------------------------------------------------------- losses
-
-
-def build_criterion(loss: DistillLossConfig) -> nn.Module:
-    """The loss module selected by ``loss.kind`` with its hyper-parameters."""
-    ls = loss.label_smoothing
-    if loss.kind == "ce":
-        return LabelLoss(ls)
-    if loss.kind == "kd":
-        return KDLoss(loss.kd.alpha, loss.kd.temperature, ls)
-    if loss.kind == "dkd":
-        p = loss.dkd
-        return DKDLoss(p.alpha, p.beta, p.temperature, p.ce_weight, ls)
-    if loss.kind == "dist":
-        p2 = loss.dist
-        return DISTLoss(p2.beta, p2.gamma, p2.tau, p2.ce_weight, ls)
-    if loss.kind in ("deit_soft", "deit_hard"):
-        return DeiTDistillationLoss(loss.kind.split("_")[1], loss.deit.alpha, loss.deit.tau, ls)
-    raise ValueError(f"loss.kind: unknown {loss.kind!r}")
-
-
 # ------------------------------------------------------------------------------------ set-up
 
 
@@ -179,12 +159,17 @@ def _build(cfg: DistillConfig, run: Run, max_steps: int | None) -> _Parts:
     total = o.total_steps or o.epochs * steps_per_epoch
     base_paths = getattr(splits.train.base, "paths", None)
     student, teacher, augment = _build_models(cfg, run, splits.classes)
+    torch.manual_seed(cfg.seed)  # identical distiller (regressors, heads, exits) on every rank
+    ctx = DistillContext(student, teacher, len(splits.classes), len(splits.train), cfg.augment.image_size,
+                         steps_per_epoch, cfg.loss.label_smoothing, cfg.seed)
+    runner = MethodRunner.build(cfg.loss, ctx)
+    torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout
     run.make_amp(o.amp)
     names = _Take(base_paths, splits.train.indices) if base_paths is not None else None
     facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total, "num_classes": len(splits.classes),
              **dataset_identity(names, splits.train.labels, len(splits.train))}
     return _Parts(splits, sampler, loader, steps_per_epoch, total, total if max_steps is None else min(max_steps, total),
-                  student, teacher, augment, build_criterion(cfg.loss), _build_optimizer(student, cfg),
+                  student, teacher, augment, runner, _build_optimizer(student, cfg, runner.distiller),
                   _student_meta(cfg, splits.classes), BadImageCounter(cfg.data.max_bad_fraction, base_paths), facts)
 
 
@@ -197,7 +182,6 @@ def _build_models(cfg: DistillConfig, run: Run, classes: list[str]
     student.to(run.device)
     teacher = (build_teacher(cfg.teacher, classes, cfg.augment.image_size, run.device)
                if cfg.teacher.kind != "none" else None)
-    torch.manual_seed(cfg.seed * 1000 + 1 + run.info.rank)  # per-rank stream for dropout
     a = cfg.augment
     augment = TrainAugment(a.image_size, a.scale, a.ratio, a.flip, seed=cfg.seed * 1_000_003 + 1,
                            rank=run.info.rank, world_size=run.info.world_size)
@@ -217,10 +201,13 @@ class _Take(Sequence[str]):
         return self.seq[int(self.indices[i])]
 
 
-def _build_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
-    """AdamW / SGD; no weight decay on biases, norms, tokens and position embeddings."""
+def _build_optimizer(model: nn.Module, cfg: DistillConfig, extra: nn.Module | None = None
+                     ) -> torch.optim.Optimizer:
+    """AdamW / SGD over the student's then ``extra``'s (the distiller's) parameters; no weight decay
+    on biases, norms, tokens and position embeddings."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = itertools.chain(model.named_parameters(), extra.named_parameters() if extra is not None else ())
+    for name, p in named:
         if not p.requires_grad:
             continue
         last = name.rsplit(".", 1)[-1]
@@ -295,9 +282,10 @@ def _save_checkpoint(run: Run, step: int, p: _Parts, cpu_s: float) -> Path:
     def state() -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "student": p.student.state_dict(),
                 "student_meta": p.meta, "optimizer": p.opt.state_dict(), "scaler": run.amp.state_dict(),
-                "cpu_s": cpu_s}
+                "cpu_s": cpu_s, "distiller": p.runner.state_dict()}
 
-    finite = all(bool(torch.isfinite(v).all()) for v in p.student.state_dict().values() if v.is_floating_point())
+    tensors = itertools.chain(p.student.state_dict().values(), p.runner.state_dict().values())
+    finite = all(bool(torch.isfinite(v).all()) for v in tensors if isinstance(v, Tensor) and v.is_floating_point())
     return run.save(step, state, {"augment": p.augment.get_state()}, finite)
 
 
@@ -310,6 +298,12 @@ def _load_checkpoint(state: dict[str, Any], path: Path, p: _Parts, run: Run, clo
             raise ckpt.CheckpointError(f"{path} is not a complete esvit-distill checkpoint (missing {key!r})")
     ckpt.check_state_dict(p.student, state["student"], f"{path} [student]")
     p.student.load_state_dict(state["student"])
+    distiller = state.get("distiller", {})  # absent in checkpoints of logit kinds written before the registry
+    try:
+        p.runner.load_state_dict(distiller)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path} [distiller] does not match loss.kind={p.runner.distiller.name}: "
+                                   f"{str(e).splitlines()[0]}") from None
     p.opt.load_state_dict(state["optimizer"])
     run.amp.load_state_dict(state.get("scaler"))
     run.restore_rng(state.get("rng") or [], lambda s: p.augment.set_state(s["augment"]))
@@ -374,6 +368,7 @@ def _fit(cfg: DistillConfig, run: Run, p: _Parts, step: int, clock: _CpuClock) -
     """Train from ``step``; returns the final step, this process's losses and whether the CPU budget ran out."""
     losses: list[float] = []
     p.student.train()
+    p.runner.train()
     bar, meter = run.progress(p.stop, step, "distill"), Throughput()
     spe, every, exhausted = p.steps_per_epoch, cfg.checkpoint.every_steps, False
 
@@ -435,39 +430,31 @@ def _train_step(cfg: DistillConfig, run: Run, p: _Parts, it: Any, step: int, lr:
     nb = device.type == "cuda"
     images, labels = images.to(device, non_blocking=nb), labels.to(device, non_blocking=nb)
     x = p.augment(images)
+    cached = p.cached[pos].to(device, non_blocking=nb) if p.cached is not None else None
     with amp.autocast():
-        t_logits = None
-        if p.cached is not None:
-            t_logits = p.cached[pos].to(device, non_blocking=nb)
-        elif p.teacher is not None:
-            t_logits = p.teacher(x)
-        out = p.model(x)
-        parts = _criterion(cfg, p, out, t_logits, labels, step)
+        out, t_logits, parts = p.runner.step(x, labels, torch.as_tensor(pos, device=device), step,
+                                             student_call=p.model, teacher_logits=cached)
     epoch = step // p.steps_per_epoch
     run.check_loss(parts["loss"], step + 1, epoch)
     p.opt.zero_grad(set_to_none=True)
     amp.backward(parts["loss"])
+    p.runner.sync_gradients()  # the distiller is not DDP-wrapped: average its gradients here
     amp.unscale(p.opt)
     # one global norm, as DeiT clips (timm NativeScaler: clip_grad_norm_)
-    grad_norm = clip_gradients(p.student.parameters(), o.clip_grad, "global")
+    grad_norm = clip_gradients(itertools.chain(p.student.parameters(), p.runner.parameters()), o.clip_grad,
+                               "global")
     run.check_grad_norm(grad_norm, step + 1, epoch)
     amp.step(p.opt)
     with torch.no_grad():
         logits = out[0] if isinstance(out, tuple) else out
         metrics = {k: float(v.detach()) for k, v in parts.items()}
-        metrics["acc"] = float((logits.argmax(1) == labels).float().mean()) * 100
+        if logits is None:
+            return mean_over_ranks(metrics, device, run.info), grad_norm
+        if labels is not None:
+            metrics["acc"] = float((logits.argmax(1) == labels).float().mean()) * 100
         if t_logits is not None:
             metrics["teacher_agree"] = float((logits.argmax(1) == t_logits.argmax(1)).float().mean()) * 100
     return mean_over_ranks(metrics, device, run.info), grad_norm
-
-
-def _criterion(cfg: DistillConfig, p: _Parts, out: Any, t_logits: Tensor | None, labels: Tensor,
-               step: int) -> dict[str, Tensor]:
-    if cfg.loss.kind != "dkd":
-        return p.criterion(out, t_logits, labels)
-    w = cfg.loss.dkd.warmup_epochs
-    ramp = min(step / (w * p.steps_per_epoch), 1.0) if w > 0 else 1.0
-    return p.criterion(out, t_logits, labels, kd_scale=ramp)
 
 
 def _log_step(cfg: DistillConfig, run: Run, p: _Parts, step: int, rec: dict[str, float],
@@ -481,10 +468,11 @@ def _log_step(cfg: DistillConfig, run: Run, p: _Parts, step: int, rec: dict[str,
     if grad_norm is not None:
         rec["grad_norm"] = float(grad_norm)
     run.logger.log(rec, step)
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.1f}", lr=f"{rec['lr']:.2e}")
+    acc = {"acc": f"{rec['acc']:.1f}"} if "acc" in rec else {}
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", **acc, lr=f"{rec['lr']:.2e}")
 
 
-def _end_of_epoch(cfg: DistillConfig, run: Run, p: _Parts, step: int, save: Any) -> None:
+def _end_of_epoch(cfg: DistillConfig, run: Run, p: _Parts, step: int, save: Callable[[int], Path]) -> None:
     """Epoch checkpoint and validation when ``step`` closes an epoch."""
     e = step // p.steps_per_epoch
     if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0 and run.needs_save(step):
@@ -523,6 +511,6 @@ def _final_report(cfg: DistillConfig, run: Run, p: _Parts, step: int, cpu: float
     else:
         log.warning("no validation split (set data.val_path or data.val_split): accuracy not reported")
     results["files"] = write_exports(run.out_dir, p.student, p.meta)
-    write_json(results, run.out_dir / RESULTS_FILE)
+    atomic_write_text(run.out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n", "results")
     return results
 

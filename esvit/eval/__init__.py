@@ -4,7 +4,8 @@
 results that cannot mean anything are refused and every number records what it was computed on
 (:mod:`esvit.eval.validity`); output folders are written through a ledger
 (:mod:`esvit.eval.outputs`) and decoding waits are bounded (:mod:`esvit.eval.loader`);
-``esvit.eval.linear_probe(...)`` trains and evaluates a linear classifier. Images are prepared by
+``esvit.eval.linear_probe(...)`` trains and evaluates a linear classifier; both read features
+through one shared cache (:mod:`esvit.eval.cache`). Images are prepared by
 an :class:`~esvit.eval.features.EvalPreprocess` protocol (``preprocess="auto"|"dino"|"resize"``,
 see :func:`~esvit.eval.features.resolve_preprocess`), recorded in every results file.
 """

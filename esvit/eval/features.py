@@ -596,7 +596,59 @@ def options_hash(options: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+FEATURE_VIEWS = ("plain", "hflip")  # the images themselves; horizontally flipped
+
+
 @torch.no_grad()
+def encode_views(
+    model: EvalModel,
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    views: Sequence[str] = ("plain",),
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Features of every readable item ``(image uint8 (3, S, S), label, ...)`` of ``dataset``,
+    in each of ``views`` (:data:`FEATURE_VIEWS`), decoding every image once.
+
+    Returns:
+        ``({view: features (N, D) float32 CPU}, labels (N,))``; unreadable items (``ok`` False)
+        are dropped and logged.
+    """
+    from tqdm import tqdm
+
+    unknown = sorted(set(views) - set(FEATURE_VIEWS))
+    if unknown or not views:
+        raise ValueError(f"views must be among {FEATURE_VIEWS}, got {list(views)}")
+    loader = make_loader(dataset, batch_size, num_workers, what=desc)
+    feats: dict[str, list[Tensor]] = {v: [] for v in views}
+    labels: list[Tensor] = []
+    bad: list[int] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, y = batch[0], torch.as_tensor(batch[1]).long()
+        if len(batch) > 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
+            ok = batch[2]
+            if not ok.all():
+                bad.extend(torch.as_tensor(batch[3])[~ok].tolist())
+                images, y = images[ok], y[ok]
+            if not len(y):
+                continue
+        x = preprocess(images.to(device, non_blocking=device.type == "cuda"), model.image_size)
+        for view, out in feats.items():
+            out.append(model.encoder(x.flip(-1) if view == "hflip" else x).float().cpu())
+        labels.append(y)
+    if bad:
+        names = getattr(dataset, "paths", None)
+        first = [str(names[i]) if names is not None else f"index {i}" for i in bad[:5]]
+        log.warning("%s: skipped %d unreadable image(s): %s%s", desc, len(bad), ", ".join(first),
+                    " ..." if len(bad) > 5 else "")
+    if not labels:
+        raise ValueError("no readable images to extract features from")
+    return {v: torch.cat(f) for v, f in feats.items()}, torch.cat(labels)
+
+
 def encode_dataset(
     model: EvalModel,
     dataset: torch.utils.data.Dataset,
@@ -613,118 +665,10 @@ def encode_dataset(
         ``features (N, D)`` float32 CPU, ``labels (N,)``, and with ``flip`` the features of the
         horizontally flipped images ``(N, D)`` (else None).
     """
-    from tqdm import tqdm
-
-    loader = make_loader(dataset, batch_size, num_workers, what=desc)
-    feats: list[Tensor] = []
-    flipped: list[Tensor] = []
-    labels: list[Tensor] = []
-    bad: list[int] = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images, y = batch[0], torch.as_tensor(batch[1]).long()
-        if len(batch) > 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
-            ok = batch[2]
-            if not ok.all():
-                bad.extend(torch.as_tensor(batch[3])[~ok].tolist())
-                images, y = images[ok], y[ok]
-            if not len(y):
-                continue
-        x = preprocess(images.to(device, non_blocking=device.type == "cuda"), model.image_size)
-        feats.append(model.encoder(x).float().cpu())
-        if flip:
-            flipped.append(model.encoder(x.flip(-1)).float().cpu())
-        labels.append(y)
-    if bad:
-        names = getattr(dataset, "paths", None)
-        first = [str(names[i]) if names is not None else f"index {i}" for i in bad[:5]]
-        log.warning("%s: skipped %d unreadable image(s): %s%s", desc, len(bad), ", ".join(first),
-                    " ..." if len(bad) > 5 else "")
-    if not feats:
-        raise ValueError("no readable images to extract features from")
-    return torch.cat(feats), torch.cat(labels), (torch.cat(flipped) if flip else None)
-
-
-def cached_features(
-    model: EvalModel,
-    dataset: torch.utils.data.Dataset,
-    split: str,
-    device: torch.device,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    flip: bool = False,
-    cache_dir: str | Path | None = None,
-    progress: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`encode_dataset` with an on-disk cache keyed by weights, data and options.
-
-    The cache file ``{cache_dir}/{split}_{hash}.pt`` is keyed by the checkpoint (path, size,
-    mtime, key), the feature options, the image size, the flip flag, the dataset's item list and
-    its preprocessing protocol, decode and crop sizes (``dataset_identity``). Nothing is cached
-    for in-memory models or without ``cache_dir``.
-    """
-    key = None
-    path = None
-    identity = dataset_identity(dataset)
-    if cache_dir is not None and model.cache_token is not None and identity is not None:
-        key = {**model.cache_token, "split": split, "flip": flip, "data": identity}
-        path = Path(cache_dir) / f"{split}_{options_hash(key)}.pt"
-        cached = read_feature_cache(path, json.loads(json.dumps(key, default=str)), len(dataset), flip)
-        if cached is not None:
-            return cached
-    out = encode_dataset(model, dataset, device, batch_size, num_workers, flip, progress,
-                         desc=f"{split} features")
-    if path is not None and key is not None:
-        save_feature_cache({"key": json.loads(json.dumps(key, default=str)),
-                            "features": out[0], "labels": out[1], "flipped": out[2]}, path)
-    return out
-
-
-def read_feature_cache(path: Path, key: dict[str, Any], n_items: int, flip: bool
-                       ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """The cached ``(features, labels, flipped)`` at ``path`` when it is intact and made for ``key``.
-
-    Loaded with :func:`esvit.train.checkpoint.load_checkpoint` (kind ``feature_cache``). A missing
-    or stale file is None; a damaged or forged one (empty, truncated, fields missing, of the wrong
-    type or of inconsistent shapes, non-finite features) is None with a warning: the features are
-    recomputed and the file rewritten.
-    """
-    from esvit.train.checkpoint import CheckpointError, load_checkpoint
-
-    if not path.is_file():
-        return None
-    try:
-        obj = load_checkpoint(path, "feature_cache")
-        if obj["key"] != key:
-            return None
-        feats, labels, flipped = obj["features"], obj["labels"], obj.get("flipped")
-        n = feats.shape[0] if feats.ndim == 2 else -1
-        if not (0 < n <= n_items and feats.is_floating_point() and bool(torch.isfinite(feats).all())):
-            raise CheckpointError(f"{path}: field 'features' is not a finite (n <= {n_items}, dim) float matrix")
-        if labels.shape != (n,) or labels.is_floating_point():
-            raise CheckpointError(f"{path}: field 'labels' does not hold one integer label per feature row")
-        if flip != (flipped is not None) or (flipped is not None and flipped.shape != feats.shape):
-            raise CheckpointError(f"{path}: field 'flipped' does not match the features")
-    except (CheckpointError, OSError) as e:
-        log.warning("ignoring unusable feature cache (%s); recomputing the features", e)
-        return None
-    return feats, labels, flipped
-
-
-def save_feature_cache(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write a feature cache file atomically.
-
-    Inside an output folder claimed by this process (:class:`~esvit.eval.outputs.OutputFolder`),
-    the file is recorded in the folder's ledger before it is written, and its temporary file
-    lives in the ledger's temporary folder; elsewhere it is a plain atomic ``torch.save``.
-    """
-    from esvit.eval.outputs import active_folder
-    from esvit.train.checkpoint import atomic_save
-
-    owner = active_folder(path)
-    if owner is None:
-        return atomic_save(obj, path)
-    folder, name = owner
-    return folder.torch_save(name, obj)
+    views = FEATURE_VIEWS if flip else ("plain",)
+    out, labels = encode_views(model, dataset, device, views, batch_size, num_workers, progress,
+                               desc)
+    return out["plain"], labels, out.get("hflip")
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

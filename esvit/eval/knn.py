@@ -132,11 +132,15 @@ def knn_predict(
 
 
 def _topk_accuracy(scores: Tensor, target: Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1 (top-5 with >= 5 classes) in percent, from exact counts (:func:`~esvit.eval.validity.percent`)."""
+    from esvit.eval.validity import percent
+
     target = target.to(scores.device).long()
-    res = {"top1": (scores.argmax(1) == target).float().mean().item() * 100}
+    n = target.numel()
+    res = {"top1": percent(int((scores.argmax(1) == target).sum()), n)}
     if num_classes >= 5:
         top5 = scores.topk(5, dim=1).indices
-        res["top5"] = (top5 == target[:, None]).any(1).float().mean().item() * 100
+        res["top5"] = percent(int((top5 == target[:, None]).any(1).sum()), n)
     return res
 
 
@@ -257,6 +261,7 @@ def knn_eval(
     device: str | torch.device | None = None,
     output_dir: str | Path | None = None,
     cache: bool = True,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """kNN evaluation of a frozen backbone on labeled image folders (DINO protocol).
@@ -290,22 +295,28 @@ def knn_eval(
         batch_size: Feature extraction batch size.
         num_workers: DataLoader workers.
         device: Device (default: CUDA when available).
-        output_dir: Writes ``knn_results.json`` and (with ``cache``) the feature cache; the
-            folder must hold only files esvit wrote (:class:`~esvit.eval.outputs.OutputFolder`).
-        cache: Cache features in ``output_dir`` (checkpoint paths only).
+        output_dir: Writes ``knn_results.json`` and (with ``cache`` and no ``cache_dir``) the
+            feature cache in ``features/``; the folder must hold only files esvit wrote
+            (:class:`~esvit.eval.outputs.OutputFolder`).
+        cache: Cache features (checkpoint paths only).
+        cache_dir: Feature cache folder, shared with :func:`~esvit.eval.linear.linear_probe`
+            (:mod:`esvit.eval.cache`); default ``output_dir/features``.
         progress: Show tqdm bars.
 
     Returns:
-        ``{"knn": {"10": {"top1", "top5"}, ...}, "protocol": "knn", "n_bank", "n_train"
-        (= n_bank), "n_val", "num_classes", "bank_classes", "val_classes", "chance": {"top1",
-        ...}, "val_in_bank", "flags", "feature_dim", "temperature", "preprocess": {...}, ...}``
-        (accuracies and chance levels in percent).
+        ``{"knn": {"10": {"top1", "top5"}, "20": ..., "100": ...}, "protocol": "knn",
+        "n_bank", "n_train" (= n_bank), "n_val", "num_classes", "bank_classes", "val_classes",
+        "chance": {"top1", ...}, "val_in_bank", "flags", "feature_dim", "temperature",
+        "preprocess": {...}, ...}``: ``knn`` maps each k (a string, in increasing numeric order,
+        in the dict and in ``knn_results.json``) to its accuracies; accuracies and chance levels
+        in percent, rounded to 4 decimals (:func:`~esvit.eval.validity.percent`).
 
     Raises:
         esvit.eval.validity.MeaninglessEvaluationError: Fewer than 2 bank classes, a
             validation class absent from the bank, or a k larger than the bank.
         esvit.eval.outputs.ForeignFilesError: ``output_dir`` holds files esvit did not write.
     """
+    from esvit.eval.cache import resolve_cache_dir
     from esvit.eval.outputs import OutputFolder
 
     if temperature <= 0:
@@ -314,7 +325,8 @@ def knn_eval(
         raise ValueError(f"ks must be positive neighbour counts, got {list(ks)}")
     folder = OutputFolder(output_dir, "esvit-knn").claim() if output_dir is not None else None
     try:
-        results = _knn_eval(backbone, train, val, val_split, ks, temperature, folder, cache,
+        cache_at = resolve_cache_dir(folder, cache, cache_dir, "esvit-knn")
+        results = _knn_eval(backbone, train, val, val_split, ks, temperature, cache_at,
                             progress, checkpoint_key=checkpoint_key, backbone_name=backbone_name,
                             image_size=image_size, canvas_size=canvas_size,
                             preprocess=preprocess, feature=feature, n_last=n_last,
@@ -330,14 +342,14 @@ def knn_eval(
 
 
 def _knn_eval(backbone: Any, train: str | Path, val: str | Path | None, val_split: int | None,
-              ks: Sequence[int] | None, temperature: float, folder: Any, cache: bool,
+              ks: Sequence[int] | None, temperature: float, cache_dir: Path | None,
               progress: bool, *, checkpoint_key: str, backbone_name: str | None,
               image_size: int | None, canvas_size: int | None, preprocess: str, feature: str,
               n_last: int | None, avgpool: bool, batch_size: int, num_workers: int,
               device: str | torch.device | None) -> dict[str, Any]:
     """:func:`knn_eval` once its output folder is claimed."""
+    from esvit.eval.cache import cached_features
     from esvit.eval.features import (
-        cached_features,
         labeled_splits,
         probe_paths,
         resolve_device,
@@ -352,16 +364,15 @@ def _knn_eval(backbone: Any, train: str | Path, val: str | Path | None, val_spli
                                avgpool=avgpool, device=dev)
     tr_ds, va_ds, classes = labeled_splits(train, val, val_split, canvas_size or model.image_size)
     pre = resolve_preprocess(preprocess, model.image_size, probe_paths(tr_ds, va_ds), canvas_size)
-    ks = tuple(ks) if ks is not None else _default_ks(len(tr_ds))
+    ks = tuple(sorted(set(ks))) if ks is not None else _default_ks(len(tr_ds))
     # refuse before computing any feature (the same check runs again on the readable images)
     first = evaluation_basis("knn", tr_ds.labels, va_ds.labels, len(classes), classes, ks=ks,
                              bank_paths=tr_ds.paths, val_paths=va_ds.paths, log_flags=False)
     tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
-    cache_dir = folder.path("features") if (folder is not None and cache) else None
     tr_x, tr_y, _ = cached_features(model, tr_ds, "train", dev, batch_size, num_workers,
-                                    cache_dir=cache_dir, progress=progress)
+                                    cache_dir=cache_dir, progress=progress, command="esvit-knn")
     va_x, va_y, _ = cached_features(model, va_ds, "val", dev, batch_size, num_workers,
-                                    cache_dir=cache_dir, progress=progress)
+                                    cache_dir=cache_dir, progress=progress, command="esvit-knn")
     basis = evaluation_basis("knn", tr_y, va_y, len(classes), classes, ks=ks,
                              val_in_bank=first.val_in_bank)
     if dev.type == "cuda":
@@ -369,7 +380,7 @@ def _knn_eval(backbone: Any, train: str | Path, val: str | Path | None, val_spli
     accs = knn_accuracies(tr_x, tr_y, va_x, va_y, ks=ks, temperature=temperature,
                           num_classes=len(classes))
     return {
-        "knn": {str(k): v for k, v in accs.items()},
+        "knn": {str(k): accs[k] for k in sorted(accs)},
         **basis.record(),
         "ks": list(ks),
         "temperature": temperature,
@@ -393,7 +404,7 @@ def describe_knn(results: dict[str, Any]) -> list[str]:
                       results["num_classes"], results["bank_classes"], results["val_classes"],
                       results["chance"])
     lines = []
-    for k, acc in results["knn"].items():
+    for k, acc in sorted(results["knn"].items(), key=lambda kv: int(kv[0])):
         top5 = f"  top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
         lines.append(f"k={k:>4}  top-1 {acc['top1']:6.2f}%{top5}  (weighted kNN, T="
                      f"{results['temperature']:g}: {basis.describe()})")

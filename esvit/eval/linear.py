@@ -4,7 +4,8 @@ Three data modes:
 
 * ``"none"``: features of the preprocessed images (``preprocess``: the DINO resize + centre crop
   for images larger than the evaluation size, else the whole resized centre square; see
-  :class:`~esvit.eval.features.EvalPreprocess`) computed once and cached;
+  :class:`~esvit.eval.features.EvalPreprocess`) computed once and cached (in a cache shared
+  with kNN, :mod:`esvit.eval.cache`);
 * ``"flip"``: features of the original and the horizontally flipped images cached once; SGD
   samples one of the two per image and epoch, L-BFGS trains on both;
 * ``"augment"``: the full DINO protocol, RandomResizedCrop + flip drawn every epoch and the
@@ -30,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esvit.eval.cache import cached_features, resolve_cache_dir
 from esvit.eval.features import (
     EvalModel,
     EvalPreprocess,
-    cached_features,
     labeled_splits,
     make_loader,
     probe_paths,
@@ -110,12 +111,16 @@ class LinearClassifier(nn.Module):
 
 @torch.no_grad()
 def accuracy(logits: Tensor, target: Tensor) -> dict[str, float]:
-    """Top-1 and (with >= 5 classes) top-5 accuracy in percent."""
+    """Top-1 and (with >= 5 classes) top-5 accuracy in percent, from exact counts, rounded to
+    4 decimals (:func:`~esvit.eval.validity.percent`)."""
+    from esvit.eval.validity import percent
+
     target = target.to(logits.device).long()
-    res = {"top1": (logits.argmax(1) == target).float().mean().item() * 100}
+    n = target.numel()
+    res = {"top1": percent(int((logits.argmax(1) == target).sum()), n)}
     if logits.shape[1] >= 5:
         top5 = logits.topk(5, dim=1).indices
-        res["top5"] = (top5 == target[:, None]).any(1).float().mean().item() * 100
+        res["top5"] = percent(int((top5 == target[:, None]).any(1).sum()), n)
     return res
 
 
@@ -364,6 +369,7 @@ def linear_probe(
     device: str | torch.device | None = None,
     seed: int = 0,
     cache: bool = True,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a linear classifier on frozen features and report top-1 / top-5.
@@ -375,9 +381,9 @@ def linear_probe(
         val: Validation folder (same class names); or use ``val_split``.
         val_split: Hold out the last ``val_split`` images (sorted order) of every class of
             ``train`` as the validation set.
-        output_dir: Where the feature cache, ``linear_results.json`` and
-            ``linear_classifier.pt`` go (nothing is written when None); the folder must hold
-            only files esvit wrote (:class:`~esvit.eval.outputs.OutputFolder`).
+        output_dir: Where ``linear_results.json``, ``linear_classifier.pt`` and (without
+            ``cache_dir``) the feature cache ``features/`` go (nothing is written when None); the
+            folder must hold only files esvit wrote (:class:`~esvit.eval.outputs.OutputFolder`).
         checkpoint_key: ``"teacher"`` or ``"student"`` weights of a training checkpoint.
         backbone_name: Registry name, for bare state dicts.
         image_size: Evaluation resolution (default: the training global crop size recorded in
@@ -406,7 +412,10 @@ def linear_probe(
         num_workers: DataLoader workers.
         device: Device (default: CUDA when available).
         seed: Seed of the SGD / augmentation randomness.
-        cache: Cache features in ``output_dir`` (checkpoint paths only).
+        cache: Cache features (checkpoint paths only).
+        cache_dir: Feature cache folder, shared with :func:`~esvit.eval.knn.knn_eval`
+            (:mod:`esvit.eval.cache`; ``mode='flip'`` adds only the flipped view); default
+            ``output_dir/features``.
         progress: Show tqdm bars.
 
     Returns:
@@ -414,8 +423,8 @@ def linear_probe(
         "num_classes", "bank_classes" (training classes), "val_classes", "chance": {"train":
         {"top1", ...}, "val": {...}}, "val_in_bank", "flags", "feature_dim", "mode", "solver",
         "norm", "classes", "preprocess": {"protocol", ...}, ...}`` (accuracies and chance
-        levels in percent). Evaluations that cannot mean anything are refused before any
-        feature is computed (see :mod:`esvit.eval.validity`).
+        levels in percent, rounded to 4 decimals). Evaluations that cannot mean anything are
+        refused before any feature is computed (see :mod:`esvit.eval.validity`).
 
     Raises:
         esvit.eval.validity.MeaninglessEvaluationError: Fewer than 2 training classes, or a
@@ -427,8 +436,9 @@ def linear_probe(
     solver, norm = _check_options(mode, solver, norm, epochs, batch_size, max_iter)
     folder = OutputFolder(output_dir, "esvit-linear").claim() if output_dir is not None else None
     try:
+        cache_at = resolve_cache_dir(folder, cache, cache_dir, "esvit-linear")
         results, clf = _linear_probe(
-            backbone, train, val, val_split, folder, cache, progress, checkpoint_key=checkpoint_key,
+            backbone, train, val, val_split, cache_at, progress, checkpoint_key=checkpoint_key,
             backbone_name=backbone_name, image_size=image_size, canvas_size=canvas_size,
             preprocess=preprocess, feature=feature, n_last=n_last, avgpool=avgpool, mode=mode,
             solver=solver, norm=norm, epochs=epochs, lr=lr, batch_size=batch_size, l2=l2,
@@ -469,7 +479,7 @@ def _check_options(mode: str, solver: str | None, norm: str | None, epochs: int,
 
 
 def _linear_probe(backbone: Any, train: str | Path, val: str | Path | None,
-                  val_split: int | None, folder: Any, cache: bool, progress: bool, *,
+                  val_split: int | None, cache_dir: Path | None, progress: bool, *,
                   checkpoint_key: str, backbone_name: str | None, image_size: int | None,
                   canvas_size: int | None, preprocess: str, feature: str, n_last: int | None,
                   avgpool: bool, mode: str, solver: str, norm: str, epochs: int, lr: float,
@@ -495,12 +505,11 @@ def _linear_probe(backbone: Any, train: str | Path, val: str | Path | None,
     aug_ds = tr_ds.with_preprocess(EvalPreprocess("resize", model.image_size,
                                                   canvas_size or pre.decode_size))
     tr_ds, va_ds = tr_ds.with_preprocess(pre), va_ds.with_preprocess(pre)
-    cache_dir = folder.path("features") if (folder is not None and cache) else None
 
     def features_of(ds: Any, split: str, flip: bool) -> _Split:
         f, y, fl = cached_features(model, ds, split, dev, batch_size=batch_size,
                                    num_workers=num_workers, flip=flip, cache_dir=cache_dir,
-                                   progress=progress)
+                                   progress=progress, command="esvit-linear")
         return _Split(f, y, fl)
 
     va = features_of(va_ds, "val", False)

@@ -41,6 +41,7 @@ __all__ = [
     "OutputFolder",
     "active_folder",
     "check_replaceable_json",
+    "natural_key_order",
     "write_owned_json",
 ]
 
@@ -121,8 +122,12 @@ class OutputFolder:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def claim(self) -> OutputFolder:
+    def claim(self, wait: float = 0.0) -> OutputFolder:
         """Create / lock the folder and refuse it if it holds foreign files.
+
+        Args:
+            wait: Seconds to wait for another process's lock (0: fail at once). Shared folders
+                that are held only briefly (feature caches) are claimed with a wait.
 
         Raises:
             NotADirectoryError: ``root`` exists and is not a folder.
@@ -131,9 +136,14 @@ class OutputFolder:
         """
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"output folder {self.root} exists and is not a folder")
-        self._created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        while True:
+            self._created = not self.root.exists()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock(wait)
+            if self._locked_is_root():
+                break
+            os.close(self._lock_fd)  # the holder removed the (empty) folder while we waited
+            self._lock_fd = None
         try:
             self._load_ledger()
             foreign = self._foreign()
@@ -169,12 +179,21 @@ class OutputFolder:
         os.close(self._lock_fd)  # closing the descriptor releases the flock
         self._lock_fd = None
 
-    def _lock(self) -> None:
+    def _lock(self, wait: float = 0.0) -> None:
         import fcntl
+        import time
 
         fd = os.open(self.root, os.O_RDONLY)
+        deadline = time.monotonic() + wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
             os.close(fd)
             holder = self._holder()
@@ -186,6 +205,15 @@ class OutputFolder:
                 raise
             log.debug("cannot lock %s (%s): continuing without a lock", self.root, e)
         self._lock_fd = fd
+
+    def _locked_is_root(self) -> bool:
+        """Whether the locked folder is still the one at ``root`` (not removed meanwhile)."""
+        assert self._lock_fd is not None
+        try:
+            st, locked = os.stat(self.root), os.fstat(self._lock_fd)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (locked.st_dev, locked.st_ino)
 
     def _holder(self) -> str:
         try:
@@ -355,8 +383,9 @@ class OutputFolder:
         return self.root / name
 
     def write_json(self, name: str, obj: Any) -> Path:
-        """Write ``obj`` as indented JSON to ``name`` atomically."""
-        return self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        """Write ``obj`` as indented JSON to ``name`` atomically, keys in natural order
+        (:func:`natural_key_order`: ``"10"``, ``"20"``, ``"100"``; other keys sorted)."""
+        return self.write_text(name, json.dumps(natural_key_order(obj), indent=2) + "\n")
 
     def torch_save(self, name: str, obj: Any) -> Path:
         """``torch.save`` ``obj`` to ``name`` atomically."""
@@ -365,6 +394,23 @@ class OutputFolder:
         with self.writing(name) as tmp:
             torch.save(obj, tmp)
         return self.root / name
+
+
+def natural_key_order(obj: Any) -> Any:
+    """``obj`` with the keys of every mapping sorted: integer keys (``"10"``, ``"20"``,
+    ``"100"``) numerically and before the others, the others alphabetically."""
+    if isinstance(obj, dict):
+        def order(key: Any) -> tuple[int, int, str]:
+            text = str(key)
+            try:
+                return (0, int(text), text)
+            except ValueError:
+                return (1, 0, text)
+
+        return {k: natural_key_order(obj[k]) for k in sorted(obj, key=order)}
+    if isinstance(obj, (list, tuple)):
+        return [natural_key_order(v) for v in obj]
+    return obj
 
 
 def active_folder(path: str | os.PathLike[str]) -> tuple[OutputFolder, str] | None:

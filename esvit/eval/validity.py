@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TINY_VAL_SET", "EvalBasis", "MeaninglessEvaluationError", "evaluation_basis"]
+__all__ = ["PERCENT_DECIMALS", "TINY_VAL_SET", "EvalBasis", "MeaninglessEvaluationError",
+           "evaluation_basis", "percent"]
 
 log = logging.getLogger("esvit.eval")
 
 TINY_VAL_SET = 100  # validation sets smaller than this are flagged
+PERCENT_DECIMALS = 4  # accuracies and chance levels: 1e-4 points, finer than 1 image in 10^6
 _SHOWN = 5  # class names shown in a message
 
 
@@ -99,15 +101,24 @@ def _names(idx: Sequence[int], classes: Sequence[str] | None) -> str:
     return ", ".join(shown) + (f" (+{len(idx) - _SHOWN} more)" if len(idx) > _SHOWN else "")
 
 
+def percent(count: int | float, total: int) -> float:
+    """``100 * count / total`` computed in float64 from exact counts and rounded to
+    :data:`PERCENT_DECIMALS` decimals (``122 / 500`` -> ``24.4``, never ``24.400000274181366``);
+    NaN when ``total`` is 0."""
+    if total == 0:
+        return float("nan")
+    return round(100.0 * float(count) / int(total), PERCENT_DECIMALS)
+
+
 def chance_levels(val_counts: np.ndarray) -> dict[str, float]:
     """Top-1 (and with 5+ classes top-5) accuracy in % of answering the most frequent classes."""
     n = int(val_counts.sum())
     if n == 0:
         return {"top1": 0.0}
     order = np.sort(val_counts)[::-1]
-    out = {"top1": 100.0 * float(order[0]) / n}
+    out = {"top1": percent(int(order[0]), n)}
     if len(val_counts) >= 5:
-        out["top5"] = 100.0 * float(order[:5].sum()) / n
+        out["top5"] = percent(int(order[:5].sum()), n)
     return out
 
 

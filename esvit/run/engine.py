@@ -50,7 +50,13 @@ from esvit.run import errors
 from esvit.run.amp import Amp
 from esvit.run.errors import NonFiniteLossError, Preempted, RunError
 from esvit.run.fsio import atomic_write_text, describe_os_error, probe_writable
-from esvit.run.loader import GuardedBatches, build_loader, loader_timeout_s
+from esvit.run.loader import (
+    GuardedBatches,
+    StallWatchdog,
+    build_loader,
+    loader_timeout_s,
+    stall_message,
+)
 from esvit.run.lock import OutputLock
 from esvit.run.resume import check_resume, compare_runs
 from esvit.run.signals import StopSignals
@@ -112,6 +118,7 @@ class Run:
         self.amp: Amp | None = None
         self.loader_timeout = 0.0
         self._data_path: str | None = None
+        self._watchdog: StallWatchdog | None = None
         self._stack = contextlib.ExitStack()
 
     # ------------------------------------------------------------------------------ start-up
@@ -175,11 +182,14 @@ class Run:
         """The training DataLoader (bounded waits, workers that ignore stop signals)."""
         self.loader_timeout = loader_timeout_s(data_cfg)
         self._data_path = getattr(data_cfg, "path", None)
+        if data_cfg.num_workers == 0 and self.loader_timeout > 0 and self._watchdog is None:
+            self._watchdog = StallWatchdog(self.loader_timeout, stall_message(0, self.loader_timeout, self._data_path))
+            self._stack.callback(self._watchdog.close)
         return build_loader(dataset, sampler, batch_size, data_cfg.num_workers, self.loader_timeout)
 
     def batches(self, loader: DataLoader) -> GuardedBatches:
         """One epoch of ``loader``; a stall raises :class:`~esvit.run.errors.LoaderStalledError`."""
-        return GuardedBatches(loader, self.loader_timeout, self._data_path)
+        return GuardedBatches(loader, self.loader_timeout, self._data_path, self._watchdog)
 
     # ------------------------------------------------------------------------------ model
 
@@ -268,12 +278,16 @@ class Run:
         if old == text:
             return
         if old is not None and self.resumed_from is not None:
-            path = _next_free(self.out_dir, "config.resume-{}.yaml")
+            n = _next_free(self.out_dir, "config.resume-{}.yaml")
+            previous = self.out_dir / f"config.resume-{n - 1}.yaml"
+            if n > 1 and previous.read_text() == text:
+                return  # the same config as the previous resume
+            path = self.out_dir / f"config.resume-{n}.yaml"
             atomic_write_text(path, text, "config")
             log.info("the config differs from config.yaml (the run's first): this resume's is %s", path)
             return
         if old is not None:  # a fresh start over an attempt that wrote no checkpoint
-            kept = _next_free(self.out_dir, "config.previous-{}.yaml")
+            kept = self.out_dir / f"config.previous-{_next_free(self.out_dir, 'config.previous-{}.yaml')}.yaml"
             try:
                 os.replace(first, kept)
             except OSError as e:
@@ -393,8 +407,9 @@ def _rebuild(shared: tuple[str, str]) -> BaseException:
     return cls(message)
 
 
-def _next_free(directory: Path, pattern: str) -> Path:
+def _next_free(directory: Path, pattern: str) -> int:
+    """The smallest ``n >= 1`` for which ``directory / pattern.format(n)`` does not exist."""
     n = 1
     while (directory / pattern.format(n)).exists():
         n += 1
-    return directory / pattern.format(n)
+    return n

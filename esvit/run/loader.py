@@ -85,6 +85,7 @@ class StallWatchdog:
     def __init__(self, timeout_s: float, message: str) -> None:
         self.timeout_s, self.message = timeout_s, message
         self._deadline: float | None = None
+        self._closed = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -103,9 +104,18 @@ class StallWatchdog:
             self._deadline = None
             self._cond.notify()
 
+    def close(self) -> None:
+        """Stop the watchdog thread."""
+        with self._cond:
+            self._closed, self._deadline = True, None
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
     def _watch(self) -> None:
         with self._cond:
-            while True:
+            while not self._closed:
                 if self._deadline is None:
                     self._cond.wait()
                     continue
@@ -122,14 +132,17 @@ class GuardedBatches(Iterator[Any]):
 
     Args:
         loader: From :func:`build_loader`.
-        timeout_s: Its timeout (also the watchdog's when it has no workers).
+        timeout_s: Its timeout.
         data_path: Named in the message.
+        watchdog: Times each batch when the loader has no workers (one per loader, reused by
+            every epoch).
     """
 
-    def __init__(self, loader: DataLoader, timeout_s: float, data_path: str | None = None) -> None:
+    def __init__(self, loader: DataLoader, timeout_s: float, data_path: str | None = None,
+                 watchdog: StallWatchdog | None = None) -> None:
         self.loader = loader
         self.message = stall_message(loader.num_workers, timeout_s, data_path)
-        self._watchdog = StallWatchdog(timeout_s, self.message) if loader.num_workers == 0 and timeout_s > 0 else None
+        self._watchdog = watchdog if loader.num_workers == 0 else None
         self._it = iter(loader)
 
     def __next__(self) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,7 @@ def _check_knn_folders(cfg: Config, info: DistInfo) -> None:
         from esvit.eval.monitor import monitor_preprocess
 
         pre, _, _ = monitor_preprocess(cfg.knn.train_path, cfg.knn.val_path, cfg.data.canvas_size,
-                                       cfg.augment.global_size, cfg.knn.preprocess)
+                                       cfg.augment.global_size, cfg.knn.preprocess, k=cfg.knn.k)
         log.info("kNN monitor every %d epochs, preprocessing: %s", cfg.knn.every_epochs, pre)
 
 
@@ -240,7 +241,21 @@ def train(cfg: Config, resume: str | None = None, max_steps: int | None = None,
                      "device %s, amp %s", p.facts["dataset_size"], p.steps_per_epoch, o.epochs, o.batch_size,
                      run.micro_batch, run.info.world_size, o.accum_steps, run.device, run.amp.dtype)
         step, losses = _fit(cfg, run, p, step)
+        if run.info.is_main and run.last_checkpoint is not None:
+            _export_standard_files(run.out_dir, run.last_checkpoint)
         return TrainResult(run.out_dir, step, run.last_checkpoint, losses)
+
+
+def _export_standard_files(out_dir: Path, checkpoint: Path) -> None:
+    """``backbone.safetensors`` + its JSON card and ``checkpoint_last.pt`` (:func:`esvit.export.export_run`);
+    a failure is a warning: the checkpoints are the run's record and are already written."""
+    from esvit.export import export_run
+
+    try:
+        log.info("exported the teacher backbone to %s", export_run(out_dir, checkpoint))
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("could not export the backbone (%s); export it later with esvit-export --checkpoint %s",
+                    " ".join(str(e).split())[:300], checkpoint)
 
 
 def _fit(cfg: Config, run: Run, p: _Parts, step: int) -> tuple[int, list[float]]:
@@ -333,7 +348,7 @@ def _log_step(cfg: Config, run: Run, p: _Parts, step: int, rec: dict[str, float]
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{ips:.0f}")
 
 
-def _end_of_epoch(cfg: Config, run: Run, p: _Parts, step: int, save: Any) -> None:
+def _end_of_epoch(cfg: Config, run: Run, p: _Parts, step: int, save: Callable[[int], Path]) -> None:
     """Bad-image check, epoch checkpoint and kNN monitor when ``step`` closes an epoch."""
     if step % p.steps_per_epoch:
         return

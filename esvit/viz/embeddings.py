@@ -2,8 +2,9 @@
 
 The folder is read as :mod:`esvit.embed` writes it (with its CSV reader,
 :func:`esvit.embed.read_embeddings_csv`): ``manifest.json`` (settings, shards),
-the merged ``embeddings.{npy,pt,safetensors}`` with ``embeddings.csv`` (``row,path,label``), or,
-without merging (``--no-merge``), the shards ``embeddings_NNNNN.*`` with ``paths_NNNNN.csv``.
+the merged ``embeddings.{npy,pt,safetensors}`` with ``embeddings.csv`` (``row,path,label``) of a
+finished extraction (its shards are then deleted), or the shards ``embeddings_NNNNN.*`` with
+``paths_NNNNN.csv`` of an unfinished one (the finished shards so far) or of ``--no-merge``.
 The label is the class folder of an image folder (or the list file's label); ``""`` means none.
 
 Projections: ``pca`` (default, no extra package), ``tsne`` (scikit-learn) and ``umap``
@@ -93,7 +94,7 @@ def _read_rows(csv_files: list[Path]) -> tuple[list[str], list[str]]:
 
 
 def read_embeddings(folder: str | os.PathLike[str]) -> EmbeddingTable:
-    """Read an ``esvit-embed`` output folder (merged or shards only).
+    """Read an ``esvit-embed`` output folder: finished (merged) or not (the finished shards).
 
     Raises:
         FileNotFoundError: No folder, no ``manifest.json``, or no embeddings file.
