@@ -372,6 +372,7 @@ class LoggingConfig:
     wandb_project: str = "esvit"
     log_every: int = 10
     progress: bool = True
+    tensorboard: bool = False
 
 
 LOGGING_RANGES: Ranges = {
@@ -380,6 +381,8 @@ LOGGING_RANGES: Ranges = {
     "wandb_project": text(),
     "log_every": num(1, why="steps"),
     "progress": FLAG,
+    "tensorboard": Rule("true or false", lambda v: isinstance(v, bool),
+                        why="true: also write TensorBoard event files to <output_dir>/tensorboard (pip install 'esvit[tensorboard]')"),
 }
 
 
@@ -589,7 +592,17 @@ def validate(cfg: Config) -> Config:
     check_config(cfg, TRAIN_RANGES, TRAIN_LINKS)
     _validate_drop_path(cfg.model)
     _validate_kornia_ops(cfg.augment)
+    _validate_tensorboard(cfg.logging)
     return cfg
+
+
+def _validate_tensorboard(lg: LoggingConfig) -> None:
+    """``logging.tensorboard: true`` without the package fails at load time, not after the data scan."""
+    import importlib.util
+
+    if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard: needs the tensorboard package: pip install 'esvit[tensorboard]' "
+                          "(or set logging.tensorboard=false)")
 
 
 def _validate_kornia_ops(a: AugmentConfig) -> None:

@@ -646,7 +646,7 @@ def _run_cfg(out: Path, kind: str, *extra: str):
 
 @pytest.mark.parametrize(("kind", "extra"), [
     ("nkd", ()), ("fitnet", ()), ("crd", ("loss.crd.num_negatives=16",)), ("ofa", ()),
-    ("dkd", ("loss.dkd.warmup_epochs=1",)),
+    ("dkd", ("loss.dkd.warmup_epochs=1",)), ("feature", ()),
 ])
 def test_every_method_runs_end_to_end_and_resumes_exactly(tmp_path: Path, kind: str, extra: tuple[str, ...]) -> None:
     from esvit.distill.train import distill

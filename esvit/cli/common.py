@@ -13,8 +13,21 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr; only rank 0 logs at INFO under torchrun."""
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    handlers = [_TqdmHandler()] if sys.stderr.isatty() else None  # lines above the bar, not through it
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S", force=True, handlers=handlers)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log records written with ``tqdm.write`` so that a progress bar is redrawn below them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging kill a run
+            self.handleError(record)
 
 
 def run_cli(main: Callable[[], int | None], known_errors: tuple[type[BaseException], ...]) -> int:

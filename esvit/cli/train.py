@@ -23,8 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     from esvit.run.errors import EXIT_CODES_HELP
 
     p = argparse.ArgumentParser(prog="esvit-train", description="EsViT self-supervised pretraining.",
-                                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (see configs/)")
+                                epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
+    p.add_argument("--config", help="a recipe: a YAML path, or the name of a shipped one (--list-configs); "
+                                    "default: the built-in defaults (a ResNet-18 photo recipe)")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (recipe + overrides) as YAML and exit")
+    p.add_argument("--list-backbones", action="store_true",
+                   help="list the built-in backbones and exit (any timm/<name> or torchvision/<name> works too)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override (repeatable)")
@@ -35,27 +41,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume even if the config or the run's facts (batch split, steps per epoch, data set) "
                         "differ from the checkpoint's; the differences are logged")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help; the epilog kept as written."""
+
+
+def _listing(args: argparse.Namespace) -> int | None:
+    """``--list-configs`` / ``--list-backbones`` / ``--print-config``: print and return 0 (None: train)."""
+    if args.list_configs:
+        from esvit.recipes import RECIPES_DIR, list_configs
+
+        for name in list_configs():
+            first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+            print(f"{name:32s} {first}")
+        return 0
+    if args.list_backbones:
+        from esvit.backbones import list_backbones
+
+        print("\n".join(n for n in list_backbones() if not n.startswith("_")))
+        print("... and any timm/<name> (pip install 'esvit[timm]') or torchvision/<name> model")
+        return 0
+    if args.print_config:
+        import yaml
+
+        from esvit.config import config_to_dict, load_config
+
+        print(yaml.safe_dump(config_to_dict(load_config(args.config, _overrides(args))), sort_keys=False), end="")
+        return 0
+    return None
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides) + list(args.set_)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.output_dir:
+        overrides.append(f"logging.output_dir={args.output_dir}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     from esvit.cli.common import run_cli, setup_logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides anywhere among the options
     setup_logging(args.verbose)
 
     def _run() -> int:
         from esvit.config import load_config
         from esvit.train.loop import train
 
-        overrides = list(args.overrides) + list(args.set_)
-        if args.data:
-            overrides.append(f"data.path={args.data}")
-        if args.output_dir:
-            overrides.append(f"logging.output_dir={args.output_dir}")
-        cfg = load_config(args.config, overrides)
+        listed = _listing(args)
+        if listed is not None:
+            return listed
+        cfg = load_config(args.config, _overrides(args))
         if cfg.data.kind == "folder" and not cfg.data.path:
             print(NO_DATA_HELP, file=sys.stderr)
             return 2

@@ -5,7 +5,9 @@
 guard, AMP, DDP, bounded data waits) is :class:`esvit.run.engine.Run`, shared with pretraining;
 the pieces by role are :mod:`esvit.distill.data` (splits), :mod:`esvit.distill.augment`
 (:class:`TrainAugment`, batched on the device), :mod:`esvit.distill.teachers`,
-:mod:`esvit.distill.evaluate` and :mod:`esvit.distill.exports`. This module keeps the
+:mod:`esvit.distill.evaluate`, :mod:`esvit.distill.exports` and the objective,
+:class:`esvit.distill.methods.MethodRunner` (any registered ``loss.kind``: its trainable parts are
+optimised with the student and its state is the checkpoint's ``distiller``). This module keeps the
 distillation step, its learning-rate rule (epochs or a CPU budget) and the final report.
 
 Output directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoint_XXXXXXXX.pt``,
@@ -392,7 +394,9 @@ def _fit(cfg: DistillConfig, run: Run, p: _Parts, step: int, clock: _CpuClock) -
             step += 1
             losses.append(metrics["loss"])
             meter.add(cfg.optim.batch_size)
-            _log_step(cfg, run, p, step, {**metrics, "lr": lr, "cpu_s": clock()}, grad_norm, meter, bar)
+            rec = {**metrics, "lr": lr, "cpu_s": clock()}
+            run.log_step(step, p.stop, p.steps_per_epoch, rec, grad_norm, meter, bar, p.bad_counter.bad,
+                         **({"acc": f"{rec['acc']:.1f}"} if "acc" in rec else {}))
             if every and step % every == 0 and step < p.stop:
                 save(step)
         if step % spe == 0 and step < p.stop and not exhausted:
@@ -455,21 +459,6 @@ def _train_step(cfg: DistillConfig, run: Run, p: _Parts, it: Any, step: int, lr:
         if t_logits is not None:
             metrics["teacher_agree"] = float((logits.argmax(1) == t_logits.argmax(1)).float().mean()) * 100
     return mean_over_ranks(metrics, device, run.info), grad_norm
-
-
-def _log_step(cfg: DistillConfig, run: Run, p: _Parts, step: int, rec: dict[str, float],
-              grad_norm: Tensor | None, meter: Throughput, bar: tqdm) -> None:
-    """Append the step's record to ``metrics.jsonl`` every ``logging.log_every`` steps."""
-    bar.update(1)
-    if not (step % cfg.logging.log_every == 0 or step == p.stop or step == 1):
-        return
-    ips = meter.read()
-    rec = {**rec, "epoch": step / p.steps_per_epoch, "images_per_s": ips, "bad_images": p.bad_counter.bad}
-    if grad_norm is not None:
-        rec["grad_norm"] = float(grad_norm)
-    run.logger.log(rec, step)
-    acc = {"acc": f"{rec['acc']:.1f}"} if "acc" in rec else {}
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", **acc, lr=f"{rec['lr']:.2e}")
 
 
 def _end_of_epoch(cfg: DistillConfig, run: Run, p: _Parts, step: int, save: Callable[[int], Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -12,7 +13,14 @@ __all__ = ["Amp", "amp_dtype"]
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: none on CPU; on CUDA bf16 if supported else fp16 (``optim.amp=auto``)."""
+    """Autocast dtype: none on CPU; on CUDA bf16 if supported else fp16 (``optim.amp=auto``).
+
+    ``fp16`` / ``bf16`` asked for on another device is a logged warning, not silence: the run
+    goes on in float32 (CPU bf16 matmuls are far slower than float32 ones)."""
+    if device.type != "cuda" and mode in ("fp16", "bf16"):
+        logging.getLogger("esvit.train").warning(
+            "optim.amp=%s asked for, but the device is %s: training in float32 (mixed precision is for CUDA)",
+            mode, device.type)
     if device.type != "cuda" or mode == "none":
         return None
     if mode == "auto":

@@ -32,6 +32,7 @@ import builtins
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -260,7 +261,8 @@ class Run:
         def open_logger() -> MetricLogger:
             self._write_config()
             truncate_metrics(self.out_dir / "metrics.jsonl", step)
-            return MetricLogger(self.out_dir, cfg.wandb, cfg.wandb_project, self.run_id, self.config_dict)
+            return MetricLogger(self.out_dir, cfg.wandb, cfg.wandb_project, self.run_id, self.config_dict,
+                                tensorboard=getattr(cfg, "tensorboard", False))
 
         logger = self.on_rank0(open_logger)  # every rank calls it; only rank 0 writes
         self.logger = logger if logger is not None else MetricLogger(self.out_dir, run_id=self.run_id, active=False)
@@ -295,10 +297,31 @@ class Run:
             log.info("config.yaml of an earlier attempt (no checkpoint) kept as %s", kept)
         atomic_write_text(first, text, "config")
 
-    def progress(self, total: int, initial: int, desc: str) -> tqdm:
-        """The run's progress bar (rank 0 with ``logging.progress``), closed with the run."""
-        bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                   disable=not (self.info.is_main and self.spec.config.logging.progress))
+    def log_step(self, step: int, total: int, steps_per_epoch: int, rec: dict[str, float],
+                 grad_norm: Tensor | None, meter: Any, bar: tqdm | PlainProgress, bad_images: int,
+                 **postfix: str) -> None:
+        """Advance the progress display; every ``logging.log_every`` steps (and the first and
+        last) append the step's record to ``metrics.jsonl`` and show loss, LR, images/s (plus
+        ``postfix``)."""
+        bar.update(1)
+        if not (step % self.spec.config.logging.log_every == 0 or step == total or step == 1):
+            return
+        ips = meter.read()
+        rec = {**rec, "epoch": step / steps_per_epoch, "images_per_s": ips, "bad_images": bad_images}
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        self.logger.log(rec, step)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", **postfix, lr=f"{rec['lr']:.2e}", img_s=f"{ips:.0f}")
+
+    def progress(self, total: int, initial: int, desc: str) -> tqdm | PlainProgress:
+        """The run's progress display, closed with the run: a tqdm bar on a terminal (rank 0 with
+        ``logging.progress``); when stderr is not a terminal (batch jobs, log files), plain
+        periodic log lines with step, loss, LR and images/s instead of bar frames."""
+        show = self.info.is_main and self.spec.config.logging.progress
+        if show and not sys.stderr.isatty():
+            bar: tqdm | PlainProgress = PlainProgress(total, initial, desc)
+        else:
+            bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not show)
         self._stack.callback(bar.close)
         return bar
 
@@ -413,3 +436,27 @@ def _next_free(directory: Path, pattern: str) -> int:
     while (directory / pattern.format(n)).exists():
         n += 1
     return n
+
+
+class PlainProgress:
+    """tqdm's ``update`` / ``set_postfix`` / ``close`` as plain log lines, at most one every
+    ``every_s`` seconds (and the last step), for output that is not a terminal."""
+
+    def __init__(self, total: int, initial: int, desc: str, every_s: float = 30.0) -> None:
+        self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
+        self._last = float("-inf")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s and self.n < self.total:
+            return
+        self._last = now
+        shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        log.info("%s: step %d/%d (%.0f%%), %s", self.desc, self.n, self.total, 100.0 * self.n / max(self.total, 1), shown)
+
+    def close(self) -> None:
+        return None
+

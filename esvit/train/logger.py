@@ -28,6 +28,7 @@ class MetricLogger:
     Args:
         output_dir: Run directory.
         wandb_mode: ``disabled``, ``offline`` (no account needed) or ``online``.
+        tensorboard: Also write TensorBoard scalars to ``<output_dir>/tensorboard``.
         project: wandb project name.
         run_id: wandb run id to resume (kept across restarts), or None for a new one.
         config: Resolved config dict logged to wandb.
@@ -42,13 +43,19 @@ class MetricLogger:
         run_id: str | None = None,
         config: dict[str, Any] | None = None,
         active: bool = True,
+        tensorboard: bool = False,
     ) -> None:
         self.active = active
         self.path = Path(output_dir) / "metrics.jsonl"
         self.run_id = run_id
         self._wandb = None
+        self._tb = None
         if not active:
             return
+        if tensorboard:  # optional third sink; the package is checked when the config loads
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         if not self.path.parent.is_dir():
             probe_writable(self.path.parent)
         self._file = LineAppender(self.path, "metrics file")
@@ -80,6 +87,10 @@ class MetricLogger:
         self._file.append(json.dumps(rec))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
 
     def sync(self) -> None:
         """fsync the metrics file (called before every checkpoint)."""
@@ -91,6 +102,9 @@ class MetricLogger:
         if not self.active:
             return
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from esvit.config import Config
 from esvit.data import BadImageCounter, build_dataset
@@ -284,7 +283,8 @@ def _fit(cfg: Config, run: Run, p: _Parts, step: int) -> tuple[int, list[float]]
             meter.add(cfg.optim.batch_size)
             if run.info.is_main:
                 monitor.update(metrics, step)
-            _log_step(cfg, run, p, step, {**metrics, **_schedule_record(vals, p)}, grad_norm, meter, bar)
+            run.log_step(step, p.total_steps, p.steps_per_epoch, {**metrics, **_schedule_record(vals, p)},
+                         grad_norm, meter, bar, p.bad_counter.bad)
             if every and step % every == 0 and step < p.total_steps:
                 save(step)
         _end_of_epoch(cfg, run, p, step, save)
@@ -332,20 +332,6 @@ def _schedule_record(vals: ScheduleValues, p: _Parts) -> dict[str, float]:
     return {"lr": vals.lr, "weight_decay": vals.weight_decay, "teacher_momentum": vals.teacher_momentum,
             "teacher_temp": vals.teacher_temp,
             "region_weight": vals.region_weight if p.trainer.region_loss is not None else 0.0}
-
-
-def _log_step(cfg: Config, run: Run, p: _Parts, step: int, rec: dict[str, float], grad_norm: torch.Tensor | None,
-              meter: Throughput, bar: tqdm) -> None:
-    """Append the step's record to ``metrics.jsonl`` every ``logging.log_every`` steps."""
-    bar.update(1)
-    if not (step % cfg.logging.log_every == 0 or step == p.total_steps or step == 1):
-        return
-    ips = meter.read()
-    rec = {**rec, "epoch": step / p.steps_per_epoch, "images_per_s": ips, "bad_images": p.bad_counter.bad}
-    if grad_norm is not None:
-        rec["grad_norm"] = float(grad_norm)
-    run.logger.log(rec, step)
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{ips:.0f}")
 
 
 def _end_of_epoch(cfg: Config, run: Run, p: _Parts, step: int, save: Callable[[int], Path]) -> None:
