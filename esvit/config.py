@@ -278,7 +278,7 @@ class DataConfig:
     path: str | None = None
     canvas_size: int = 512
     resize_mode: str = "letterbox"
-    num_workers: int = 4
+    num_workers: int | None = None
     max_bad_fraction: float = 0.01
     synthetic_images: int = 512
     synthetic_classes: int = 10
@@ -290,7 +290,7 @@ DATA_RANGES: Ranges = {
     "path": text(null="none: for the synthetic and torchvision kinds"),
     "canvas_size": num(8, why="pixels"),
     "resize_mode": choice("letterbox", "short_side_center_crop", "stretch"),
-    "num_workers": num(0),
+    "num_workers": num(0, null="auto: the CPUs this process may use, shared by the processes on the node, minus one, at most 8"),
     "max_bad_fraction": PROB,
     "synthetic_images": num(1),
     "synthetic_classes": num(1),

@@ -94,3 +94,17 @@ def test_tensorboard_logger_is_optional(tmp_path: Path, monkeypatch) -> None:
     logger.close()
     assert scalars == [("loss", 1.5, 3), ("lr", 1e-3, 3), ("closed", 0.0, 0)]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_loader_workers_sized_from_the_machine(monkeypatch) -> None:
+    import os
+
+    from esvit.config import load_config
+    from esvit.run.loader import auto_num_workers
+
+    assert load_config(None).data.num_workers is None  # auto by default
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert auto_num_workers(None) == 8  # capped
+    assert auto_num_workers(None, local_world_size=4) == 3  # 16 CPUs / 4 ranks - 1 for the rank itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert auto_num_workers(None) == 0 and auto_num_workers(5) == 5  # an explicit value wins

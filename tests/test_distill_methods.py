@@ -5,6 +5,7 @@ discovery by hooks on registry, torchvision and timm models; the registry itself
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -654,7 +655,8 @@ def test_every_method_runs_end_to_end_and_resumes_exactly(tmp_path: Path, kind: 
 
     straight = distill(_run_cfg(tmp_path / "a", kind, *extra))
     assert straight.step == 6 and all(math.isfinite(v) for v in straight.losses)
-    assert 0 <= straight.results["val"]["top1"] <= 100 and (tmp_path / "a" / "student_backbone.pt").is_file()
+    score = "knn_top1" if kind == "feature" else "top1"  # label-free: kNN / linear on student_backbone.pt
+    assert 0 <= straight.results["val"][score] <= 100 and (tmp_path / "a" / "student_backbone.pt").is_file()
     first = distill(_run_cfg(tmp_path / "b", kind, *extra), max_steps=3)
     assert first.step == 3 and first.last_checkpoint is not None
     assert isinstance(ckpt.load_checkpoint(first.last_checkpoint, "distill")["distiller"], dict)
@@ -697,3 +699,107 @@ def test_checkpoints_without_distiller_state_still_resume(tmp_path: Path) -> Non
     fit = distill(_run_cfg(tmp_path / "fit", "fitnet"), max_steps=3)
     with pytest.raises(ckpt.CheckpointError, match=r"\[distiller\] does not match loss.kind=kd"):
         distill(_run_cfg(tmp_path / "fit", "kd"), resume=str(fit.last_checkpoint), allow_config_change=True)
+
+
+# ------------------------------------------- label-free distillation of a pretrained esvit backbone
+
+
+@pytest.fixture(scope="module")
+def label_free_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A flat folder of images (no classes), a labelled validation folder and the backbone of a 2-step
+    ``configs/debug_cpu.yaml`` pretraining run (``backbone.safetensors`` + card, ``checkpoint_last.pt``)."""
+    import shutil
+
+    from esvit.config import load_config
+    from esvit.data import write_synthetic_image_folder
+    from esvit.train.loop import train
+
+    root = tmp_path_factory.mktemp("label_free")
+    write_synthetic_image_folder(root / "classes", n_per_class=16, num_classes=2, size=32, seed=0)
+    flat = root / "flat"
+    flat.mkdir()
+    for f in sorted((root / "classes").rglob("*.png")):
+        shutil.copy(f, flat / f"{f.parent.name}_{f.name}")
+    write_synthetic_image_folder(root / "val", n_per_class=6, num_classes=3, size=32, seed=1)
+    cfg = load_config(ROOT / "configs" / "debug_cpu.yaml", [
+        "data.synthetic_images=32", "optim.batch_size=16", "model.out_dim=256", "logging.progress=false",
+        f"logging.output_dir={root / 'pretrain'}"])
+    res = train(cfg, max_steps=2)
+    assert res.step == 2
+    out = {"flat": flat, "classes": root / "classes", "val": root / "val",
+           "safetensors": root / "pretrain" / "backbone.safetensors", "checkpoint": root / "pretrain" / "checkpoint_last.pt"}
+    assert out["safetensors"].is_file() and out["checkpoint"].is_file()
+    return out
+
+
+def _label_free_cfg(out: Path, data: Path, teacher: Path, *extra: str):
+    """``configs/distill_debug_cpu.yaml`` with a backbone teacher and ``loss.kind=feature`` on a folder:
+    32 images, batch 16 (2 steps/epoch, 4 steps)."""
+    return load_distill_config(DEBUG, [
+        "student.deit=false", "student.backbone_kwargs={image_size: 32, depth: 1}", "loss.kind=feature",
+        "teacher.kind=backbone", f"teacher.checkpoint={teacher}", "data.kind=folder", f"data.path={data}",
+        "optim.batch_size=16", "logging.progress=false", "logging.log_every=1", f"logging.output_dir={out}", *extra])
+
+
+def test_label_free_distillation_from_a_backbone_on_a_flat_folder_resumes_exactly(
+        tmp_path: Path, label_free_data: dict[str, Path]) -> None:
+    from esvit.distill.train import distill
+    from esvit.export import load_backbone_info
+    from esvit.train import checkpoint as ckpt
+
+    d = label_free_data
+    args = (d["flat"], d["safetensors"], f"data.val_path={d['val']}")
+    straight = distill(_label_free_cfg(tmp_path / "a", *args))
+    assert straight.step == 4 and all(math.isfinite(v) for v in straight.losses)
+    r = straight.results
+    assert r["teacher"]["kind"] == "backbone" and r["n_train"] == 32 and r["val_source"] == f"folder {d['val']}"
+    for part in ("val", "teacher_val"):  # kNN / linear on student_backbone.pt and on the teacher's features
+        assert 0 <= r[part]["knn_top1"] <= 100 and 0 <= r[part]["linear_top1"] <= 100
+        assert r[part]["n_bank"] == 9 and r[part]["n_query"] == 9
+    assert r["val"]["scored"].startswith("student_backbone.pt")
+    saved = json.loads((tmp_path / "a" / "distill_results.json").read_text())
+    assert saved["val"]["knn_top1"] == r["val"]["knn_top1"]
+    info = load_backbone_info(tmp_path / "a" / "student_backbone.pt")
+    assert info.name == "vit_nano" and info.net(torch.zeros(1, 3, 32, 32)).shape == (1, 64)
+    # exact resume: 2 steps, then 2 more
+    first = distill(_label_free_cfg(tmp_path / "b", *args), max_steps=2)
+    assert first.step == 2 and first.last_checkpoint is not None
+    second = distill(_label_free_cfg(tmp_path / "b", *args), resume="auto")
+    assert second.step == 4
+    assert max(abs(a - b) for a, b in zip(first.losses + second.losses, straight.losses, strict=True)) <= 1e-6
+    a, b = ckpt.safe_load(straight.last_checkpoint), ckpt.safe_load(second.last_checkpoint)
+    for part in ("student", "distiller"):
+        for k, v in a[part].items():
+            assert torch.allclose(v, b[part][k], atol=1e-6), (part, k)
+    recs = [rec for rec in _metrics(tmp_path / "b") if "loss" in rec]
+    assert [rec["step"] for rec in recs] == [1, 2, 3, 4] and not any("acc" in rec for rec in recs)
+
+
+def test_label_free_distillation_without_validation_says_so(tmp_path: Path, label_free_data: dict[str, Path]) -> None:
+    """A training checkpoint as the teacher, class folders as unlabelled data, no validation set."""
+    from esvit.distill.train import distill
+
+    d = label_free_data
+    res = distill(_label_free_cfg(tmp_path, d["flat"], d["checkpoint"], "optim.epochs=1"))
+    assert res.step == 2 and res.results["val"] is None and "data.val_path" in res.results["val_note"]
+    saved = json.loads((tmp_path / "distill_results.json").read_text())
+    assert saved["val"] is None and saved["val_source"] == "none"
+    assert (tmp_path / "student_backbone.pt").is_file()
+
+
+def test_label_free_bad_input_is_one_line(tmp_path: Path, label_free_data: dict[str, Path]) -> None:
+    from esvit.distill.data import build_splits
+
+    d = label_free_data
+    with pytest.raises(ConfigError, match="teacher.kind"):  # a backbone has no logits
+        _label_free_cfg(tmp_path, d["flat"], d["safetensors"], "loss.kind=kd")
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        _label_free_cfg(tmp_path, d["flat"], d["safetensors"], "teacher.checkpoint=null")
+    kd = load_distill_config(DEBUG, ["student.deit=false", "loss.kind=kd", "data.kind=folder", f"data.path={d['flat']}"])
+    with pytest.raises(ValueError, match=r"not labeled.*only loss.kind=feature"):
+        build_splits(kd)
+    with pytest.raises(ValueError, match="data.val_split"):
+        build_splits(_label_free_cfg(tmp_path, d["flat"], d["safetensors"], "data.val_split=2"))
+    # labelled class folders are fine too (labels unused); validation classes need not match
+    splits = build_splits(_label_free_cfg(tmp_path, d["classes"], d["safetensors"], f"data.val_path={d['val']}"))
+    assert splits.labeled and len(splits.train) == 32 and len(splits.val) == 18

@@ -57,7 +57,7 @@ __all__ = [
     "validate_distill",
 ]
 
-TEACHER_KINDS = ("none", "linear", "torchvision", "classifier")
+TEACHER_KINDS = ("none", "linear", "torchvision", "classifier", "backbone")
 TEACHER_MODES = ("online", "cached")
 LOSS_KINDS = ("ce", "kd", "dkd", "dist", "deit_soft", "deit_hard", "nkd", "fitnet", "crd", "ofa", "feature")
 #: Kinds that read intermediate stages of the networks (the teacher must run online).
@@ -113,7 +113,11 @@ class TeacherConfig:
     * ``torchvision``: ``torchvision.models.get_model(arch, num_classes=..., **arch_kwargs)``
       with weights from the local state-dict file ``weights`` (never downloaded;
       ``random_init: true`` allows random weights for smoke tests);
-    * ``classifier``: a student written by ``esvit-distill`` (its checkpoint or ``student.pt``).
+    * ``classifier``: a student written by ``esvit-distill`` (its checkpoint or ``student.pt``);
+    * ``backbone``: a frozen esvit backbone, no head (``checkpoint``: any file
+      :func:`esvit.export.load_backbone_info` reads: training checkpoint, ``backbone.safetensors``
+      with its JSON card, ``.pt`` export; ``backbone`` / ``backbone_kwargs`` for bare state dicts):
+      for the label-free kinds (``loss.kind=feature``), which read its features, never logits.
 
     ``mode``: ``online`` runs the teacher on every augmented crop (standard); ``cached``
     computes its logits once on the un-augmented training images (cheap; the crop the student
@@ -137,7 +141,7 @@ class TeacherConfig:
 
 TEACHER_RANGES: Ranges = {
     "kind": choice(*TEACHER_KINDS),
-    "checkpoint": text(null="none: required for the linear and classifier kinds"),
+    "checkpoint": text(null="none: required for the linear, classifier and backbone kinds"),
     "checkpoint_key": choice("teacher", "student"),
     "backbone": text(null="the recorded backbone"),
     "backbone_kwargs": MAPPING,
@@ -312,10 +316,13 @@ LOSS_RANGES: Ranges = {"kind": choice(*LOSS_KINDS), "label_smoothing": num(0, 1,
 
 @dataclass
 class DistillDataConfig:
-    """Labeled training data and the validation split.
+    """Training data and the validation split.
 
-    ``kind``: ``folder`` (``path``: one subfolder per class), ``synthetic``, ``cifar10`` or
-    ``cifar100`` (torchvision copies on disk). Validation: ``val_path`` (folder with the same
+    ``kind``: ``folder`` (``path``: one subfolder per class; while ``loss.kind`` is label-free
+    (``feature``) also a flat folder of images without classes), ``synthetic``, ``cifar10`` or
+    ``cifar100`` (torchvision copies on disk). Label-free runs score the student's backbone by
+    kNN and a linear probe on a labelled validation set (``val_path``, or the labelled data's
+    own validation split); with none, no accuracy is reported. Validation: ``val_path`` (folder with the same
     class names), else ``val_split`` > 0 (the last ``val_split`` images of every class of the
     training data, sorted order), else the test split of ``synthetic`` / ``cifar*`` kinds (none
     for folders). ``max_train_per_class`` > 0 keeps only the first images of every class.
@@ -495,10 +502,12 @@ DISTILL_LINKS: tuple[Link, ...] = (
     Link("teacher.mode", "online while loss.kind is fitnet, crd, ofa or feature (they read the teacher's "
          "intermediate stages on the student's crops)",
          lambda c: c.teacher.mode == "online" or c.loss.kind not in FEATURE_KINDS, ("loss.kind",)),
-    Link("teacher.checkpoint", "set while teacher.kind is linear (a pretrained backbone) or classifier (an "
-         "esvit-distill checkpoint or student.pt)",
-         lambda c: c.teacher.kind not in ("linear", "classifier") or c.teacher.checkpoint is not None,
+    Link("teacher.checkpoint", "set while teacher.kind is linear or backbone (a pretrained backbone) or classifier "
+         "(an esvit-distill checkpoint or student.pt)",
+         lambda c: c.teacher.kind not in ("linear", "classifier", "backbone") or c.teacher.checkpoint is not None,
          ("teacher.kind",)),
+    Link("teacher.kind", "backbone only while loss.kind is label-free (feature): a backbone teacher has no logits",
+         lambda c: c.teacher.kind != "backbone" or c.loss.kind in LABEL_FREE_KINDS, ("loss.kind",)),
     Link("teacher.arch", "set while teacher.kind is torchvision (a torchvision classifier name, e.g. resnet50)",
          lambda c: c.teacher.kind != "torchvision" or c.teacher.arch is not None, ("teacher.kind",)),
     Link("teacher.weights", "set while teacher.kind is torchvision (weights are never downloaded), unless "

@@ -1,4 +1,7 @@
-"""Distillation data: labeled training and validation splits of one or two image sources.
+"""Distillation data: training and validation splits of one or two image sources.
+
+The training data is labelled, except for the label-free kinds (``loss.kind=feature``), which
+also accept a flat folder of images (labels ``-1``, ``classes`` empty).
 
 Items are ``(image uint8 (3, S, S), label, ok, position)``; workers only decode (the crop, flip
 and normalisation run batched on the training device: :mod:`esvit.distill.augment`).
@@ -14,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from esvit.data import build_dataset
-from esvit.distill.config import DistillConfig
+from esvit.distill.config import LABEL_FREE_KINDS, DistillConfig
 
 __all__ = ["DataSplits", "build_splits"]
 
@@ -46,23 +49,62 @@ class _Split(Dataset):
 
 @dataclass
 class DataSplits:
-    """Training / validation splits and the class names (labels index ``classes``)."""
+    """Training / validation splits and the class names (labels index ``classes``).
+
+    ``labeled``: whether the training split has labels (False: a flat folder, label-free kinds
+    only; ``classes`` then holds the validation set's classes, possibly none).
+    """
 
     train: _Split
     val: _Split | None
     classes: list[str]
     val_source: str
+    labeled: bool = True
 
 
-def _labeled_base(kind: str, path: str | None, cfg: DistillConfig, train: bool, what: str) -> Any:
+def _labeled_base(kind: str, path: str | None, cfg: DistillConfig, train: bool, what: str,
+                  allow_unlabeled: bool = False) -> Any:
     d = cfg.data
     ds = build_dataset(kind, path, d.canvas_size, train=train, max_bad_fraction=d.max_bad_fraction,
                        synthetic_images=d.synthetic_images if train else max(d.synthetic_images // 4, d.synthetic_classes),
                        synthetic_classes=d.synthetic_classes, seed=cfg.seed)
-    if getattr(ds, "labels", None) is None:
+    if getattr(ds, "labels", None) is None and not allow_unlabeled:
         raise ValueError(f"{what}: {path} is not labeled; put the images in one subfolder per class "
-                         "(e.g. train/cat/*.jpg, train/dog/*.jpg)")
+                         "(e.g. train/cat/*.jpg, train/dog/*.jpg)" +
+                         ("" if what != "data.path" else f" (only loss.kind={'|'.join(LABEL_FREE_KINDS)} "
+                          "trains on a flat folder)"))
     return ds
+
+
+def _unlabeled_splits(base: Any, cfg: DistillConfig) -> DataSplits:
+    """A flat training folder (label-free kinds): validation only from ``data.val_path``."""
+    d = cfg.data
+    if d.val_split > 0:
+        raise ValueError(f"data.val_split={d.val_split}: {d.path} has no classes to hold images out of; "
+                         "set data.val_split=0 and give a labelled data.val_path for kNN / linear scores")
+    if d.max_train_per_class > 0:
+        raise ValueError(f"data.max_train_per_class={d.max_train_per_class}: {d.path} has no classes; set it to 0")
+    train = _Split(_Unlabeled(base), np.arange(len(base)))
+    if not d.val_path:
+        return DataSplits(train, None, [], "none", labeled=False)
+    vbase = _labeled_base("folder", d.val_path, cfg, True, "data.val_path")
+    return DataSplits(train, _Split(vbase, np.arange(len(vbase))), list(vbase.classes), f"folder {d.val_path}",
+                      labeled=False)
+
+
+class _Unlabeled:
+    """A dataset without labels seen with ``labels`` all -1 (what :class:`_Split` indexes)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.labels = np.full(len(base), -1, dtype=np.int64)
+        self.paths = getattr(base, "paths", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[i]
 
 
 def build_splits(cfg: DistillConfig) -> DataSplits:
@@ -70,13 +112,17 @@ def build_splits(cfg: DistillConfig) -> DataSplits:
 
     Validation is ``data.val_path`` if given, else the last ``data.val_split`` images of every
     class (sorted order, deterministic), else the test split of ``synthetic`` / ``cifar*`` kinds,
-    else none. ``data.max_train_per_class`` then keeps the first images of every class.
+    else none. ``data.max_train_per_class`` then keeps the first images of every class. A flat
+    folder (label-free kinds only) has validation only from ``data.val_path`` (any classes).
 
     Raises:
         ValueError: Missing / unlabeled data, unknown validation classes, classes too small.
     """
     d = cfg.data
-    base = _labeled_base(d.kind, d.path, cfg, True, "data.path")
+    label_free = cfg.loss.kind in LABEL_FREE_KINDS
+    base = _labeled_base(d.kind, d.path, cfg, True, "data.path", allow_unlabeled=label_free)
+    if getattr(base, "labels", None) is None:
+        return _unlabeled_splits(base, cfg)
     classes = list(base.classes)
     labels = np.asarray(base.labels, dtype=np.int64)
     all_idx = np.arange(len(labels))
@@ -87,6 +133,9 @@ def build_splits(cfg: DistillConfig) -> DataSplits:
         vbase = _labeled_base("folder", d.val_path, cfg, True, "data.val_path")
         index = {c: i for i, c in enumerate(classes)}
         unknown = [c for c in vbase.classes if c not in index]
+        if unknown and label_free:  # the classes only score the backbone (kNN / linear on val_path)
+            index = {c: i for i, c in enumerate(vbase.classes)}
+            unknown = []
         if unknown:
             raise ValueError(f"data.val_path: classes not in the training data: {', '.join(unknown[:5])}")
         lmap = np.asarray([index[c] for c in vbase.classes], dtype=np.int64)

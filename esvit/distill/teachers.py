@@ -1,7 +1,9 @@
 """Frozen teachers of a distillation run and the student classifiers it writes.
 
 A teacher is a linear probe on a backbone pretrained here, a torchvision classifier with local
-weights, or a student an earlier ``esvit-distill`` run wrote (:func:`load_classifier`).
+weights, a student an earlier ``esvit-distill`` run wrote (:func:`load_classifier`), or, for the
+label-free kinds, a bare backbone pretrained here (``kind=backbone``: its pooled features, no
+logits; the distiller reads its stages through hooks).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ log = logging.getLogger("esvit.distill")
 class FrozenTeacher(nn.Module):
     """A frozen classifier: normalised images ``(b, 3, h, w)`` -> logits ``(b, C)`` float32.
 
+    With ``output="features"`` (a bare backbone, ``teacher.kind=backbone``) the output is the
+    pooled feature ``(b, C)`` instead, ``C`` its dimension: never scored as logits.
+
     Always in eval mode, no parameter requires grad, ``forward`` runs under ``no_grad`` and
     resizes its input to ``image_size`` (bilinear, antialiased) when needed.
 
@@ -36,16 +41,20 @@ class FrozenTeacher(nn.Module):
         num_classes: Number of classes ``C``.
         classes: Class names it was trained on, when known.
         description: What it is (for logs and results).
+        output: ``"logits"`` or ``"features"``.
     """
 
     def __init__(self, net: nn.Module, image_size: int, num_classes: int, classes: list[str] | None = None,
-                 description: str = "") -> None:
+                 description: str = "", output: str = "logits") -> None:
+        if output not in ("logits", "features"):
+            raise ValueError(f"output must be 'logits' or 'features', got {output!r}")
         super().__init__()
         self.net = net
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
         self.classes = list(classes) if classes else None
         self.description = description
+        self.output = output
         self.net.requires_grad_(False)
         super().train(False)
 
@@ -126,8 +135,9 @@ def build_teacher(t: TeacherConfig, classes: list[str], default_size: int,
     """Load the frozen teacher described by ``t``.
 
     Args:
-        t: Teacher section of the config (``kind`` linear, torchvision or classifier).
-        classes: Class names of the data (checked against the teacher's).
+        t: Teacher section of the config (``kind`` linear, torchvision, classifier or backbone).
+        classes: Class names of the data (checked against a classifier teacher's; unused by
+            ``backbone``).
         default_size: Input size when neither ``t.image_size`` nor the checkpoint gives one.
         device: Device of the teacher.
 
@@ -135,6 +145,8 @@ def build_teacher(t: TeacherConfig, classes: list[str], default_size: int,
         ValueError / CheckpointError / FileNotFoundError: Missing files, wrong architecture or
             classes; the message names the config key.
     """
+    if t.kind == "backbone":
+        return _backbone_teacher(t, default_size).to(device)
     builders = {"linear": _linear_teacher, "torchvision": _torchvision_teacher, "classifier": _classifier_teacher}
     if t.kind not in builders:
         raise ValueError(f"teacher.kind: cannot build a teacher of kind {t.kind!r}")
@@ -201,3 +213,16 @@ def _classifier_teacher(t: TeacherConfig, classes: list[str], default_size: int)
     size = t.image_size or meta.get("image_size") or default_size
     desc = f"esvit-distill {meta['backbone']}{' (DeiT)' if meta.get('deit') else ''} ({t.checkpoint})"
     return net, size, desc, meta.get("classes")
+
+
+def _backbone_teacher(t: TeacherConfig, default_size: int) -> FrozenTeacher:
+    """A bare esvit backbone (any file :func:`esvit.export.load_backbone_info` reads): pooled features out."""
+    from esvit.eval.features import FeatureEncoder
+    from esvit.export import load_backbone_info
+
+    if not t.checkpoint:
+        raise ValueError("teacher.checkpoint: a backbone teacher needs a checkpoint or export")
+    info = load_backbone_info(t.checkpoint, t.backbone, t.checkpoint_key, t.backbone_kwargs or None)
+    size = t.image_size or info.image_size or default_size
+    return FrozenTeacher(FeatureEncoder(info.net, info.spec), int(size), int(info.spec.embed_dim), None,
+                         f"{info.name} backbone ({t.checkpoint})", output="features")

@@ -11,7 +11,9 @@ optimised with the student and its state is the checkpoint's ``distiller``). Thi
 distillation step, its learning-rate rule (epochs or a CPU budget) and the final report.
 
 Output directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoint_XXXXXXXX.pt``,
-``distill_results.json`` (validation top-1 / top-5 of the student and the teacher),
+``distill_results.json`` (validation top-1 / top-5 of the student and the teacher; for the
+label-free kinds kNN / linear top-1 of ``student_backbone.pt`` and of the teacher's features on a
+labelled validation set, or ``"val": null`` with the reason when there is none),
 ``student.pt`` (the classifier; a valid ``teacher.kind=classifier`` input),
 ``student_backbone.pt`` (an esvit backbone export: usable by ``esvit-linear`` / ``esvit-knn``)
 and, for DeiT students, ``student_vit.pt`` (plain torchvision ``VisionTransformer`` state dict).
@@ -37,10 +39,10 @@ from esvit.config import config_to_dict
 from esvit.data import BadImageCounter
 from esvit.data.sampler import EpochBlockSampler
 from esvit.distill.augment import TrainAugment
-from esvit.distill.config import DistillConfig
+from esvit.distill.config import LABEL_FREE_KINDS, DistillConfig
 from esvit.distill.data import DataSplits, build_splits
 from esvit.distill.deit import DeiTVisionTransformer, build_student
-from esvit.distill.evaluate import evaluate, log_eval
+from esvit.distill.evaluate import evaluate, log_eval, score_features
 from esvit.distill.exports import (
     CHECKPOINT_FORMAT,
     CLASSIFIER_FORMAT,
@@ -162,13 +164,15 @@ def _build(cfg: DistillConfig, run: Run, max_steps: int | None) -> _Parts:
     base_paths = getattr(splits.train.base, "paths", None)
     student, teacher, augment = _build_models(cfg, run, splits.classes)
     torch.manual_seed(cfg.seed)  # identical distiller (regressors, heads, exits) on every rank
-    ctx = DistillContext(student, teacher, len(splits.classes), len(splits.train), cfg.augment.image_size,
+    ctx = DistillContext(student, teacher, len(splits.classes) if splits.labeled else 0, len(splits.train),
+                         cfg.augment.image_size,
                          steps_per_epoch, cfg.loss.label_smoothing, cfg.seed)
     runner = MethodRunner.build(cfg.loss, ctx)
     torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout
     run.make_amp(o.amp)
     names = _Take(base_paths, splits.train.indices) if base_paths is not None else None
-    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total, "num_classes": len(splits.classes),
+    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
+             "num_classes": len(splits.classes) if splits.labeled else 0,
              **dataset_identity(names, splits.train.labels, len(splits.train))}
     return _Parts(splits, sampler, loader, steps_per_epoch, total, total if max_steps is None else min(max_steps, total),
                   student, teacher, augment, runner, _build_optimizer(student, cfg, runner.distiller),
@@ -178,7 +182,8 @@ def _build(cfg: DistillConfig, run: Run, max_steps: int | None) -> _Parts:
 def _build_models(cfg: DistillConfig, run: Run, classes: list[str]
                   ) -> tuple[nn.Module, FrozenTeacher | None, TrainAugment]:
     torch.manual_seed(cfg.seed)  # identical initial student on every rank
-    student = build_student(cfg.student.backbone, cfg.student.backbone_kwargs, len(classes), cfg.student.deit)
+    # a flat folder (label-free kinds) has no classes: the student keeps a one-class head, never trained
+    student = build_student(cfg.student.backbone, cfg.student.backbone_kwargs, max(len(classes), 1), cfg.student.deit)
     if cfg.student.init_checkpoint:
         _init_student(student, cfg)
     student.to(run.device)
@@ -243,7 +248,7 @@ def _init_student(student: nn.Module, cfg: DistillConfig) -> None:
 def _student_meta(cfg: DistillConfig, classes: list[str]) -> dict[str, Any]:
     s = cfg.student
     return {"backbone": s.backbone, "backbone_kwargs": dict(s.backbone_kwargs), "deit": s.deit,
-            "num_classes": len(classes), "classes": list(classes), "image_size": cfg.augment.image_size}
+            "num_classes": max(len(classes), 1), "classes": list(classes), "image_size": cfg.augment.image_size}
 
 
 def _teacher_logits_cache(cfg: DistillConfig, run: Run, p: _Parts) -> Tensor:
@@ -433,6 +438,8 @@ def _train_step(cfg: DistillConfig, run: Run, p: _Parts, it: Any, step: int, lr:
     p.bad_counter.update(torch.as_tensor(ok, dtype=torch.bool))
     nb = device.type == "cuda"
     images, labels = images.to(device, non_blocking=nb), labels.to(device, non_blocking=nb)
+    if not p.splits.labeled:
+        labels = None  # a flat folder (label-free kinds)
     x = p.augment(images)
     cached = p.cached[pos].to(device, non_blocking=nb) if p.cached is not None else None
     with amp.autocast():
@@ -467,7 +474,12 @@ def _end_of_epoch(cfg: DistillConfig, run: Run, p: _Parts, step: int, save: Call
     if cfg.checkpoint.every_epochs and e % cfg.checkpoint.every_epochs == 0 and run.needs_save(step):
         save(step)
     if cfg.eval.every_epochs and e % cfg.eval.every_epochs == 0:
-        if run.info.is_main and p.splits.val is not None:
+        if run.info.is_main and p.splits.val is not None and cfg.loss.kind in LABEL_FREE_KINDS:
+            res = score_features(p.student.backbone, p.splits.val, cfg.augment.image_size, run.device,
+                                 cfg.eval.batch_size, cfg.data.num_workers)
+            log_eval(run.logger, res, step)
+            log.info("step %d: val kNN top-1 %s, linear top-1 %s", step, res.get("knn_top1"), res.get("linear_top1"))
+        elif run.info.is_main and p.splits.val is not None:
             res = evaluate(p.student, p.splits.val, cfg.augment.image_size, run.device, cfg.eval.batch_size,
                            cfg.data.num_workers)
             log_eval(run.logger, res, step)
@@ -490,7 +502,10 @@ def _final_report(cfg: DistillConfig, run: Run, p: _Parts, step: int, cpu: float
         "cpu_budget_s": cfg.optim.cpu_budget_s or None,
         "wall_s": wall, "final_train_loss": losses[-1] if losses else None,
     }
-    if splits.val is not None:
+    if cfg.loss.kind in LABEL_FREE_KINDS:
+        results["files"] = write_exports(run.out_dir, p.student, p.meta)
+        results.update(_label_free_scores(cfg, run, p, step))
+    elif splits.val is not None:
         results["val"] = evaluate(p.student, splits.val, cfg.augment.image_size, run.device, cfg.eval.batch_size, nw)
         log_eval(run.logger, results["val"], step)
         if teacher is not None and cfg.eval.teacher:
@@ -499,7 +514,36 @@ def _final_report(cfg: DistillConfig, run: Run, p: _Parts, step: int, cpu: float
             log_eval(run.logger, results["teacher_val"], step, "teacher_val")
     else:
         log.warning("no validation split (set data.val_path or data.val_split): accuracy not reported")
-    results["files"] = write_exports(run.out_dir, p.student, p.meta)
+    if "files" not in results:
+        results["files"] = write_exports(run.out_dir, p.student, p.meta)
     atomic_write_text(run.out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n", "results")
     return results
 
+
+
+def _label_free_scores(cfg: DistillConfig, run: Run, p: _Parts, step: int) -> dict[str, Any]:
+    """kNN / linear top-1 of ``student_backbone.pt`` (reloaded as esvit-knn would) and of the teacher's
+    features on the labelled validation set; ``val: None`` and the reason when there is none."""
+    from esvit.eval.features import FeatureEncoder
+    from esvit.export import load_backbone_info
+
+    val, nw, bs = p.splits.val, cfg.data.num_workers, cfg.eval.batch_size
+    if val is None:
+        why = ("no labelled validation set (set data.val_path to a folder with one subfolder per class): "
+               "kNN / linear accuracy not reported")
+        log.warning(why)
+        return {"val": None, "val_note": why}
+    info = load_backbone_info(run.out_dir / "student_backbone.pt", map_location=run.device)
+    res: dict[str, Any] = {"val": score_features(FeatureEncoder(info.net, info.spec), val, cfg.augment.image_size,
+                                                 run.device, bs, nw)}
+    res["val"]["scored"] = "student_backbone.pt (pooled features)"
+    log_eval(run.logger, res["val"], step)
+    teacher = p.teacher
+    if teacher is not None and cfg.eval.teacher:
+        encoder = teacher if teacher.output == "features" else None
+        if encoder is None and isinstance(getattr(teacher, "net", None), nn.Sequential):
+            encoder = teacher.net[0]  # a linear teacher: its backbone's features
+        if encoder is not None:
+            res["teacher_val"] = score_features(encoder, val, teacher.image_size, run.device, bs, nw)
+            log_eval(run.logger, res["teacher_val"], step, "teacher_val")
+    return res

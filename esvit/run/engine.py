@@ -54,6 +54,7 @@ from esvit.run.fsio import atomic_write_text, describe_os_error, probe_writable
 from esvit.run.loader import (
     GuardedBatches,
     StallWatchdog,
+    auto_num_workers,
     build_loader,
     loader_timeout_s,
     stall_message,
@@ -183,10 +184,13 @@ class Run:
         """The training DataLoader (bounded waits, workers that ignore stop signals)."""
         self.loader_timeout = loader_timeout_s(data_cfg)
         self._data_path = getattr(data_cfg, "path", None)
-        if data_cfg.num_workers == 0 and self.loader_timeout > 0 and self._watchdog is None:
+        workers = auto_num_workers(data_cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if data_cfg.num_workers is None and self.info.is_main:
+            log.info("data.num_workers: %d decode workers per process (auto, from the CPUs available)", workers)
+        if workers == 0 and self.loader_timeout > 0 and self._watchdog is None:
             self._watchdog = StallWatchdog(self.loader_timeout, stall_message(0, self.loader_timeout, self._data_path))
             self._stack.callback(self._watchdog.close)
-        return build_loader(dataset, sampler, batch_size, data_cfg.num_workers, self.loader_timeout)
+        return build_loader(dataset, sampler, batch_size, workers, self.loader_timeout)
 
     def batches(self, loader: DataLoader) -> GuardedBatches:
         """One epoch of ``loader``; a stall raises :class:`~esvit.run.errors.LoaderStalledError`."""

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from esvit.run.errors import EXIT_STALLED, LoaderStalledError
 from esvit.run.signals import ignore_in_worker
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GuardedBatches", "StallWatchdog", "build_loader", "loader_timeout_s"]
+__all__ = ["DEFAULT_TIMEOUT_S", "GuardedBatches", "StallWatchdog", "auto_num_workers", "build_loader",
+           "loader_timeout_s"]
 
 DEFAULT_TIMEOUT_S = 600.0
 ENV_TIMEOUT = "ESVIT_LOADER_TIMEOUT"  # the same variable as the evaluation loaders (esvit.eval.loader)
@@ -50,6 +51,19 @@ def loader_timeout_s(data_cfg: Any = None) -> float:
     if not 0 <= t < float("inf"):
         raise ValueError(f"{source}: must be a finite number of seconds >= 0 (0: wait forever), got {value!r}")
     return t
+
+
+def auto_num_workers(requested: int | None, local_world_size: int = 1, cap: int = 8) -> int:
+    """Decode workers per process: ``requested``, or (None) the CPUs this process may use
+    (``os.sched_getaffinity``, which honours SLURM / container CPU limits) divided among the
+    processes on this node, leaving one for the training process itself, at most ``cap``."""
+    if requested is not None:
+        return int(requested)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(cap, cpus // max(1, local_world_size) - 1))
 
 
 def build_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int,

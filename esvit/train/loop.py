@@ -25,6 +25,7 @@ from esvit.data import BadImageCounter, build_dataset
 from esvit.data.sampler import EpochBlockSampler
 from esvit.run.engine import Run, RunSpec, Throughput
 from esvit.run.errors import NonFiniteLossError
+from esvit.run.loader import auto_num_workers
 from esvit.run.resume import dataset_identity
 from esvit.schedules import Schedules, ScheduleValues
 from esvit.train import checkpoint as ckpt
@@ -369,7 +370,7 @@ def _knn_monitor(cfg: Config, trainer: EsViTTrainer, device: torch.device, info:
     try:
         res = knn_monitor(trainer.teacher.backbone, cfg.knn.train_path, cfg.knn.val_path,
                           cfg.data.canvas_size, cfg.augment.global_size, device, cfg.knn.k,
-                          cfg.knn.temperature, cfg.knn.max_train_images, cfg.data.num_workers,
+                          cfg.knn.temperature, cfg.knn.max_train_images, auto_num_workers(cfg.data.num_workers),
                           cfg.knn.preprocess)
     finally:
         trainer.train(was_training)
