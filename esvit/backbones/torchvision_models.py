@@ -6,6 +6,7 @@ The Swins and ViT-B/16 take ``drop_path_rate`` (stochastic depth, see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from torch import nn
@@ -99,53 +100,31 @@ def _swin_spec(name: str) -> BackboneSpec:
     )
 
 
-def _swin_t_equivalent(image_size: int = 224, drop_path_rate: float = 0.1) -> nn.Module:
-    return _swin_net("swin_t", drop_path_rate)
+def _register_swin(name: str, config_file: str) -> Callable[..., tuple[nn.Module, BackboneSpec]]:
+    """Register torchvision Swin ``name`` (head = Identity) with its official student drop-path."""
+    dim, _, _, default_rate = SWIN_VARIANTS[name]
+
+    def equivalent(image_size: int = 224, drop_path_rate: float = default_rate) -> nn.Module:
+        return _swin_net(name, drop_path_rate)
+
+    def factory(image_size: int = 224, drop_path_rate: float = default_rate) -> tuple[nn.Module, BackboneSpec]:
+        return _swin_net(name, drop_path_rate), _swin_spec(name)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (
+        f"torchvision {name.replace('_', '-').title()} (head = Identity); hooks the final ``norm`` -> "
+        f"``(b, h/32, w/32, {dim * 8})``.\n\n"
+        "Args:\n"
+        "    image_size: Accepted for interface uniformity (Swin handles any size >= 32).\n"
+        "    drop_path_rate: Stochastic depth of the last block (linear from 0 over the blocks); "
+        f"default {default_rate}, the official EsViT value (``experiments/imagenet/swin/{config_file}``).\n"
+    )
+    return register_backbone(name, equivalent=equivalent)(factory)
 
 
-@register_backbone("swin_t", equivalent=_swin_t_equivalent)
-def swin_t(image_size: int = 224, drop_path_rate: float = 0.1) -> tuple[nn.Module, BackboneSpec]:
-    """torchvision Swin-T (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 768)``.
-
-    Args:
-        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
-        drop_path_rate: Stochastic depth probability of the last block (linear from 0 over the
-            blocks); default 0.1, the official EsViT Swin-T value
-            (``experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml``).
-    """
-    return _swin_net("swin_t", drop_path_rate), _swin_spec("swin_t")
-
-
-def _swin_s_equivalent(image_size: int = 224, drop_path_rate: float = 0.2) -> nn.Module:
-    return _swin_net("swin_s", drop_path_rate)
-
-
-@register_backbone("swin_s", equivalent=_swin_s_equivalent)
-def swin_s(image_size: int = 224, drop_path_rate: float = 0.2) -> tuple[nn.Module, BackboneSpec]:
-    """torchvision Swin-S (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 768)``.
-
-    Args:
-        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
-        drop_path_rate: Stochastic depth of the last block; default 0.2, the official EsViT
-            Swin-S value (``swin_small_patch4_window7_224.yaml``).
-    """
-    return _swin_net("swin_s", drop_path_rate), _swin_spec("swin_s")
-
-
-def _swin_b_equivalent(image_size: int = 224, drop_path_rate: float = 0.2) -> nn.Module:
-    return _swin_net("swin_b", drop_path_rate)
-
-
-@register_backbone("swin_b", equivalent=_swin_b_equivalent)
-def swin_b(image_size: int = 224, drop_path_rate: float = 0.2) -> tuple[nn.Module, BackboneSpec]:
-    """torchvision Swin-B (head = Identity); hooks the final ``norm`` -> ``(b, h/32, w/32, 1024)``.
-
-    Args:
-        image_size: Accepted for interface uniformity (Swin handles any size >= 32).
-        drop_path_rate: Stochastic depth of the last block; default 0.2, the official EsViT
-            Swin-B value (``swin_base_patch4_window7_224.yaml``).
-    """
-    return _swin_net("swin_b", drop_path_rate), _swin_spec("swin_b")
+swin_t = _register_swin("swin_t", "swin_tiny_patch4_window7_224.yaml")
+swin_s = _register_swin("swin_s", "swin_small_patch4_window7_224.yaml")
+swin_b = _register_swin("swin_b", "swin_base_patch4_window7_224.yaml")
 
 
 def _vit_b_16_equivalent(image_size: int = 224, drop_path_rate: float = 0.0) -> nn.Module:
