@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esvit.distill.losses import _ce, _up
+from esvit.distill.losses import _up
 from esvit.distill.methods.registry import (
     DistillContext,
     Distiller,
@@ -269,10 +269,4 @@ class CRD(Distiller):
         parts = self.criterion(f_s, f_t, inputs.index)
         loss = self.weight * parts["loss"]
         out = {"crd": parts["loss"].detach(), "nce_s": parts["nce_s"], "nce_t": parts["nce_t"]}
-        if self.ce_weight > 0:
-            inputs.require(labels=inputs.labels)
-            assert inputs.labels is not None
-            ce = _ce(inputs.logits(), inputs.labels, self.label_smoothing)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
-        return {"loss": loss, **out}
+        return self.with_ce(inputs, loss, out)

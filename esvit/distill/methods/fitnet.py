@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esvit.distill.losses import _ce, _up
+from esvit.distill.losses import _up
 from esvit.distill.methods.registry import (
     DistillContext,
     Distiller,
@@ -133,10 +133,4 @@ class FitNet(Distiller):
         hint = fitnet_loss(regressed, hints)
         out = {"hint": hint.detach()}
         loss = self.weight * hint
-        if self.ce_weight > 0:
-            inputs.require(labels=inputs.labels)
-            assert inputs.labels is not None
-            ce = _ce(inputs.logits(), inputs.labels, self.label_smoothing)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
-        return {"loss": loss, **out}
+        return self.with_ce(inputs, loss, out)

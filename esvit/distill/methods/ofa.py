@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esvit.distill.losses import _ce, _check, _up
+from esvit.distill.losses import _check, _up
 from esvit.distill.methods.registry import (
     DistillContext,
     Distiller,
@@ -262,8 +262,4 @@ class OFA(Distiller):
         head = ofa_loss(logits, t, y, self.eps[-1], self.temperature, self.form)
         loss = self.branch_weight * branch + self.logit_weight * head
         out = {"ofa_branches": branch.detach(), "ofa_head": head.detach()}
-        if self.ce_weight > 0:
-            ce = _ce(logits, y, self.label_smoothing)
-            loss = loss + self.ce_weight * ce
-            out["ce"] = ce.detach()
-        return {"loss": loss, **out}
+        return self.with_ce(inputs, loss, out)

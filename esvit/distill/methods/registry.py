@@ -210,10 +210,25 @@ class Distiller(nn.Module):
 
     name: ClassVar[str] = ""
     needs: Needs
+    ce_weight: float = 0.0
+    label_smoothing: float = 0.0
 
     def __init__(self, needs: Needs | None = None) -> None:
         super().__init__()
         self.needs = needs or Needs()
+
+    def with_ce(self, inputs: DistillInputs, loss: Tensor, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{"loss": loss + ce_weight * CE(student logits, labels), **parts, "ce": ...}``; the
+        cross-entropy term only when ``ce_weight > 0`` (it then needs labels)."""
+        if self.ce_weight > 0:
+            from esvit.distill.losses import _ce
+
+            inputs.require(labels=inputs.labels)
+            assert inputs.labels is not None
+            ce = _ce(inputs.logits(), inputs.labels, self.label_smoothing)
+            loss = loss + self.ce_weight * ce
+            parts = {**parts, "ce": ce.detach()}
+        return {"loss": loss, **parts}
 
     @classmethod
     def from_config(cls, loss: Any, ctx: DistillContext) -> Distiller:
