@@ -8,6 +8,7 @@ registered on the network between calls.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .backbones.registry import LAYOUTS, POOLS, BackboneSpec
@@ -144,9 +145,9 @@ class NetWrapper(nn.Module):
                 f"layout {self.layout!r} (expected a {expected_ndim}-D tensor)"
             )
         if self.layout == "bchw":
-            regions = out.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+            regions = rearrange(out, "b c h w -> b (h w) c")
         elif self.layout == "bhwc":
-            regions = out.flatten(1, 2)  # b h w c -> b (h w) c
+            regions = rearrange(out, "b h w c -> b (h w) c")
         else:
             if out.shape[1] <= self.num_prefix_tokens:
                 raise ValueError(

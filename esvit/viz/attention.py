@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from esvit.viz.inputs import load_model, load_views
@@ -120,10 +121,10 @@ def cls_attention_maps(attention: Tensor, grid: tuple[int, int], num_prefix_toke
     Returns:
         ``(b, heads, gh, gw)``.
     """
-    b, heads, length, _ = attention.shape
+    length = attention.shape[2]
     if length != num_prefix_tokens + grid[0] * grid[1]:
         raise ValueError(f"{length} tokens do not match {num_prefix_tokens} prefix + grid {grid}")
-    return attention[:, :, 0, num_prefix_tokens:].reshape(b, heads, *grid)
+    return rearrange(attention[:, :, 0, num_prefix_tokens:], "b heads (gh gw) -> b heads gh gw", gh=grid[0])
 
 
 def pooled_similarity(pooled: Tensor, regions: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -138,7 +139,7 @@ def pooled_similarity(pooled: Tensor, regions: Tensor, grid: tuple[int, int]) ->
         ``(b, 1, gh, gw)`` in ``[-1, 1]``.
     """
     sim = torch.einsum("bd,bnd->bn", F.normalize(pooled.float(), dim=-1), F.normalize(regions.float(), dim=-1))
-    return sim.reshape(sim.shape[0], 1, *grid)
+    return rearrange(sim, "b (gh gw) -> b 1 gh gw", gh=grid[0])
 
 
 def compute_attention(
