@@ -201,6 +201,7 @@ class ModelConfig:
     region_warmup_epochs: float = 0.0
     drop_path_rate: float | None = None
     sync_bn: bool | str = "auto"
+    init_weights: str | None = None
 
 
 _OUT_DIM_WHY = f"the DINO loss is at most log K: K = 1 trains at loss 0, K < {MIN_OUT_DIM} is nearly trivial"
@@ -218,6 +219,9 @@ MODEL_RANGES: Ranges = {
     "region_weight": PROB,
     "region_warmup_epochs": EPOCHS,
     "drop_path_rate": num(0, 1, hi_open=True, null="the backbone's default"),
+    "init_weights": text(null="random initialisation",
+                         why="a local file of backbone weights to start from (state dict, .safetensors, esvit export "
+                             "or checkpoint); nothing is downloaded"),
     "sync_bn": Rule("auto, true or false", lambda v: isinstance(v, bool) or v == "auto"),
 }
 

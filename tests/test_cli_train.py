@@ -108,3 +108,29 @@ def test_loader_workers_sized_from_the_machine(monkeypatch) -> None:
     assert auto_num_workers(None, local_world_size=4) == 3  # 16 CPUs / 4 ranks - 1 for the rank itself
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
     assert auto_num_workers(None) == 0 and auto_num_workers(5) == 5  # an explicit value wins
+
+
+def test_init_weights_from_a_local_file(tmp_path: Path) -> None:
+    """model.init_weights: a torchvision-style state dict of the same architecture starts the run."""
+    import torch
+
+    from esvit.backbones import build_backbone
+    from esvit.config import ConfigError, load_config
+    from esvit.train.loop import build_trainer, init_backbone
+
+    ref, _ = build_backbone("vit_nano", depth=2, image_size=32)
+    torch.save(ref.state_dict(), tmp_path / "weights.pt")
+    cfg = load_config("debug_cpu", [f"model.init_weights={tmp_path / 'weights.pt'}"])
+    trainer = build_trainer(cfg, seed=123)
+    init_backbone(trainer, cfg)
+    for side in (trainer.student, trainer.teacher):
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in side.backbone.net.state_dict().items())
+    other, _ = build_backbone("vit_nano", depth=1, image_size=32)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    bad = load_config("debug_cpu", [f"model.init_weights={tmp_path / 'other.pt'}"])
+    import pytest
+
+    with pytest.raises(Exception, match="other.pt"):
+        init_backbone(build_trainer(bad, seed=0), bad)
+    with pytest.raises(ConfigError, match="model.init_weights"):
+        load_config("debug_cpu", ["model.init_weights=''"])

@@ -40,7 +40,7 @@ __all__ = ["FREE_KEYS", "NonFiniteLossError", "TrainResult", "build_schedules", 
 
 log = logging.getLogger("esvit.train")
 
-FREE_KEYS = ("logging", "checkpoint", "knn", "device", "data.num_workers", "data.max_bad_fraction", "data.path",
+FREE_KEYS = ("logging", "checkpoint", "knn", "device", "model.init_weights", "data.num_workers", "data.max_bad_fraction", "data.path",
              "data.loader_timeout_s")
 """Config keys a resume may change without ``--allow-config-change`` (the data's identity is checked)."""
 HINT = "Lower optim.lr, check the data, or keep optim.clip_grad > 0, then resume with --resume auto."
@@ -87,6 +87,21 @@ def build_trainer(cfg: Config, seed: int) -> EsViTTrainer:
                          "extra_global": a.extra_global, "extra_local": a.extra_local},
         seed=seed,
     )
+
+
+def init_backbone(trainer: EsViTTrainer, cfg: Config) -> None:
+    """Start student and teacher backbones from ``model.init_weights`` (a local file; nothing is
+    downloaded): any file :func:`esvit.export.load_backbone` reads, e.g. a timm / torchvision state
+    dict or ``.safetensors`` of the same architecture, an esvit export or training checkpoint.
+    A resumed run's checkpoint replaces these weights anyway."""
+    from esvit.export import load_backbone_info
+
+    m = cfg.model
+    info = load_backbone_info(m.init_weights, backbone=m.backbone, backbone_kwargs=m.backbone_kwargs)
+    state = info.net.state_dict()
+    for side in (trainer.student, trainer.teacher):
+        side.backbone.net.load_state_dict(state, strict=True)
+    log.info("backbone initialised from %s", m.init_weights)
 
 
 def build_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
@@ -197,7 +212,10 @@ def _check_knn_folders(cfg: Config, info: DistInfo) -> None:
 def _build_model(cfg: Config, run: Run) -> tuple[EsViTTrainer, torch.optim.Optimizer]:
     info = run.info
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (teacher = student copy)
-    trainer = build_trainer(cfg, seed=cfg.seed).to(run.device)
+    trainer = build_trainer(cfg, seed=cfg.seed)
+    if cfg.model.init_weights:
+        init_backbone(trainer, cfg)
+    trainer = trainer.to(run.device)
     sync_batchnorm_if_needed(trainer, cfg.model.sync_bn, info)  # student and teacher, before DDP
     torch.manual_seed(cfg.seed * 1000 + 1 + info.rank)  # per-rank stream for dropout / drop-path
     trainer.set_shard(info.rank, info.world_size)
