@@ -17,8 +17,9 @@ On ``../shared/data/cifar10/train`` (skipped cleanly when absent):
    ``--student-per-class 500`` gives the same-data setting (student and teacher on the same 5,000
    images), where this tiny, under-fitting student gains little from the teacher.
 
-Arms: ``labels`` (cross-entropy only), ``kd`` (Hinton KD, T=4), ``dkd``, ``dist`` and ``deit`` (DeiT
-distillation token, hard distillation). ``--teacher-mode cached`` (default) computes the teacher
+Arms: ``labels`` (cross-entropy only), ``kd`` (Hinton KD, T=4), ``dkd``, ``dist``, ``deit`` (DeiT
+distillation token, hard distillation), ``nkd``, and the feature methods ``fitnet``, ``crd`` and
+``ofa`` (online teacher: they read its stages on every crop; docs/distillation_methods.md). ``--teacher-mode cached`` (default) computes the teacher
 logits once on the un-augmented training images (its cost is inside the budget); ``online`` runs
 the teacher on every augmented crop (about half the student steps here). One intra-op thread per
 run (arms run ``--jobs`` at a time), so CPU time is not inflated by idle OpenMP spinning when other
@@ -58,6 +59,11 @@ ARMS: dict[str, list[str]] = {
             "loss.dkd.warmup_epochs=5"],
     "dist": ["loss.kind=dist", "loss.dist.beta=1.0", "loss.dist.gamma=1.0", "loss.dist.tau=1.0"],
     "deit": ["student.deit=true", "loss.kind=deit_hard"],
+    # feature / contrastive methods read the teacher's stages on every crop: online teacher
+    "nkd": ["loss.kind=nkd"],
+    "fitnet": ["loss.kind=fitnet", "teacher.mode=online"],
+    "crd": ["loss.kind=crd", "teacher.mode=online", "loss.crd.num_negatives=512"],
+    "ofa": ["loss.kind=ofa", "teacher.mode=online"],
 }
 
 
@@ -95,7 +101,9 @@ def train_teacher(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 def arm_overrides(args: argparse.Namespace, name: str, teacher: Path) -> list[str]:
     ov = list(ARMS[name]) + [f"optim.lr={args.lr}", "optim.weight_decay=0.05"]
     if name != "labels":
-        ov += ["teacher.kind=classifier", f"teacher.checkpoint={teacher}", f"teacher.mode={args.teacher_mode}"]
+        ov += ["teacher.kind=classifier", f"teacher.checkpoint={teacher}"]
+        if not any(o.startswith("teacher.mode=") for o in ARMS[name]):  # the feature methods need online
+            ov.append(f"teacher.mode={args.teacher_mode}")
     return ov
 
 

@@ -3,6 +3,7 @@ label-free kinds, kNN and linear-probe top-1 of a backbone's pooled features (:f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,6 +20,16 @@ __all__ = ["FEATURE_PROTOCOL", "evaluate", "log_eval", "score_features"]
 FEATURE_PROTOCOL = ("labelled validation set split in two by position within each class (even: kNN bank and "
                     "linear-probe training set, odd: queries); kNN k=min(20, bank) T=0.07 cosine; linear: "
                     "L-BFGS logistic regression, standardised features, l2=1e-4, 300 iterations")
+
+
+def _readable_batches(dataset: Dataset, image_size: int, device: torch.device, batch_size: int,
+                      num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(normalised images on device, labels)`` batches of ``dataset``, unreadable images dropped."""
+    for images, y, ok, _ in make_loader(dataset, batch_size, num_workers):
+        ok = torch.as_tensor(ok, dtype=torch.bool)
+        if ok.any():
+            yield preprocess(images[ok].to(device, non_blocking=device.type == "cuda"), image_size), \
+                torch.as_tensor(y)[ok]
 
 
 @torch.no_grad()
@@ -46,18 +57,14 @@ def evaluate(model: nn.Module, dataset: Dataset, image_size: int, device: torch.
     heads: list[tuple[Tensor, Tensor]] = []
     labels: list[Tensor] = []
     try:
-        for images, y, ok, _ in make_loader(dataset, batch_size, num_workers):
-            ok = torch.as_tensor(ok, dtype=torch.bool)
-            if not ok.any():
-                continue
-            x = preprocess(images[ok].to(device, non_blocking=device.type == "cuda"), image_size)
+        for x, y in _readable_batches(dataset, image_size, device, batch_size, num_workers):
             if deit:
                 c, d = model.forward_heads(x)
                 heads.append((c.float().cpu(), d.float().cpu()))
                 outs.append(model.combine(c, d).cpu())
             else:
                 outs.append(model(x).float().cpu())
-            labels.append(torch.as_tensor(y)[ok])
+            labels.append(y)
     finally:
         model.train(was_training)
     if not outs:
@@ -97,13 +104,9 @@ def score_features(encoder: nn.Module, dataset: Dataset, image_size: int, device
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     try:
-        for images, y, ok, _ in make_loader(dataset, batch_size, num_workers):
-            ok = torch.as_tensor(ok, dtype=torch.bool)
-            if not ok.any():
-                continue
-            x = preprocess(images[ok].to(device, non_blocking=device.type == "cuda"), image_size)
+        for x, y in _readable_batches(dataset, image_size, device, batch_size, num_workers):
             feats.append(encoder(x).float().cpu())
-            labels.append(torch.as_tensor(y)[ok])
+            labels.append(y)
     finally:
         encoder.train(was_training)
     if not feats:
