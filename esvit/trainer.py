@@ -207,15 +207,11 @@ class EsViTTrainer(nn.Module):
         ]
 
     def last_layer_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the heads' last (weight-normalised) layers."""
+        """Parameters of the heads' last (weight-normalised) layers: while the last layer is frozen,
+        :func:`esvit.train.optim.clip_gradients` drops their gradients before clipping."""
         for name, p in self.student.named_parameters():
             if "last_layer" in name:
                 yield p
-
-    def cancel_last_layer_gradients(self) -> None:
-        """Drop the gradients of the heads' last layers (used while the last layer is frozen)."""
-        for p in self.last_layer_parameters():
-            p.grad = None
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
