@@ -17,7 +17,6 @@ environment variable (seconds; ``0`` waits forever), or the ``timeout`` argument
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from esvit.run.errors import LoaderStalledError as _RunLoaderStalledError
+from esvit.run.loader import DEFAULT_TIMEOUT_S, ENV_TIMEOUT, loader_timeout_s
 
 __all__ = [
     "DEFAULT_LOADER_TIMEOUT_S",
@@ -38,8 +38,8 @@ __all__ = [
 
 log = logging.getLogger("esvit.eval")
 
-DEFAULT_LOADER_TIMEOUT_S = 600.0
-LOADER_TIMEOUT_ENV = "ESVIT_LOADER_TIMEOUT"
+DEFAULT_LOADER_TIMEOUT_S = DEFAULT_TIMEOUT_S  # one rule for training and evaluation (esvit.run.loader)
+LOADER_TIMEOUT_ENV = ENV_TIMEOUT
 _NAMED = 3  # files named in a stall message
 
 
@@ -51,23 +51,15 @@ class LoaderStalledError(_RunLoaderStalledError, TimeoutError):
 
 
 def loader_timeout(timeout: float | None = None) -> float:
-    """Seconds to wait for one batch: ``timeout``, else ``$ESVIT_LOADER_TIMEOUT``, else 600.
+    """Seconds to wait for one batch: ``timeout``, else ``$ESVIT_LOADER_TIMEOUT``, else 600 (the
+    same rule as training's :func:`esvit.run.loader.loader_timeout_s`).
 
     Raises:
         ValueError: A negative or non-numeric value.
     """
-    source = "timeout"
-    if timeout is None:
-        raw = os.environ.get(LOADER_TIMEOUT_ENV, "").strip()
-        source = LOADER_TIMEOUT_ENV
-        try:
-            timeout = float(raw) if raw else DEFAULT_LOADER_TIMEOUT_S
-        except ValueError:
-            raise ValueError(f"{LOADER_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not timeout >= 0 or timeout == float("inf"):
-        raise ValueError(f"{source} must be a finite number of seconds >= 0 (0: wait forever), "
-                         f"got {timeout}")
-    return float(timeout)
+    from types import SimpleNamespace
+
+    return loader_timeout_s(SimpleNamespace(loader_timeout_s=timeout))
 
 
 class _RecordedBatches:

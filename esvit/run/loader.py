@@ -47,7 +47,7 @@ def loader_timeout_s(data_cfg: Any = None) -> float:
     try:
         t = float(value)
     except ValueError:
-        raise ValueError(f"{source}: expected a number of seconds, got {value!r}") from None
+        raise ValueError(f"{source} must be a number of seconds, got {value!r}") from None
     if not 0 <= t < float("inf"):
         raise ValueError(f"{source}: must be a finite number of seconds >= 0 (0: wait forever), got {value!r}")
     return t
