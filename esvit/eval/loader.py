@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from esvit.run.errors import LoaderStalledError as _RunLoaderStalledError
-from esvit.run.loader import DEFAULT_TIMEOUT_S, ENV_TIMEOUT, loader_timeout_s
+from esvit.run.loader import DEFAULT_TIMEOUT_S, ENV_TIMEOUT, kill_stalled_workers, loader_timeout_s
 
 __all__ = [
     "DEFAULT_LOADER_TIMEOUT_S",
@@ -100,16 +100,6 @@ def _item_names(dataset: Dataset, indices: Sequence[int]) -> list[str]:
     return names
 
 
-def _stop_workers(it: Any) -> None:
-    """Terminate the workers of a stalled DataLoader iterator (they are stuck: no grace join)."""
-    for w in getattr(it, "_workers", ()):
-        if w.is_alive():
-            w.terminate()
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
 class EvalLoader(DataLoader):
     """A DataLoader whose iteration stops with :class:`LoaderStalledError` instead of hanging.
 
@@ -153,7 +143,7 @@ class EvalLoader(DataLoader):
             except RuntimeError as e:
                 if "timed out" not in str(e):
                     raise
-                _stop_workers(it)
+                kill_stalled_workers(it)
                 raise LoaderStalledError(self.stall_message(seq)) from None
             finally:
                 if watch is not None:

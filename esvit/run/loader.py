@@ -28,7 +28,7 @@ from esvit.run.errors import EXIT_STALLED, LoaderStalledError
 from esvit.run.signals import ignore_in_worker
 
 __all__ = ["DEFAULT_TIMEOUT_S", "GuardedBatches", "StallWatchdog", "auto_num_workers", "build_loader",
-           "loader_timeout_s"]
+           "kill_stalled_workers", "loader_timeout_s"]
 
 DEFAULT_TIMEOUT_S = 600.0
 ENV_TIMEOUT = "ESVIT_LOADER_TIMEOUT"  # the same variable as the evaluation loaders (esvit.eval.loader)
@@ -175,20 +175,28 @@ class GuardedBatches(Iterator[Any]):
             raise LoaderStalledError(self.message) from None
 
     def _kill_workers(self) -> None:
-        """SIGKILL the stuck workers (they ignore SIGTERM) and drop the persistent iterator."""
-        if getattr(self._it, "_worker_pids_set", False):  # else torch's SIGCHLD handler reports the kill
-            from torch.utils.data import _utils
-
-            _utils.signal_handling._remove_worker_pids(id(self._it))
-            self._it._worker_pids_set = False
-        workers = list(getattr(self._it, "_workers", []))
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-        for w in workers:
-            w.join(timeout=5)
-        shutdown = getattr(self._it, "_shutdown_workers", None)
-        if callable(shutdown):
-            shutdown()
+        """SIGKILL the stuck workers and drop the persistent iterator."""
+        kill_stalled_workers(self._it)
         if getattr(self.loader, "_iterator", None) is self._it:
             self.loader._iterator = None
+
+
+def kill_stalled_workers(it: Any) -> None:
+    """SIGKILL the decode workers of a stalled DataLoader iterator (stuck, and they ignore SIGTERM),
+    and shut the iterator down; training and evaluation loaders both use it. The workers' pids are
+    first taken from torch's SIGCHLD handler, which would otherwise report the kill as a crash.
+    Uses DataLoader internals (``_workers``, ``_worker_pids_set``), guarded with ``getattr``."""
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    workers = list(getattr(it, "_workers", []))
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+    for w in workers:
+        w.join(timeout=5)
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
