@@ -54,6 +54,16 @@ def keep_freed_memory() -> None:
     libc.mallopt(-2, 1 << 28)  # M_TOP_PAD
 
 
+def start(data: str | Path, threads: int = 1) -> None:
+    """Common start of the CIFAR benchmarks: INFO logging, ``threads`` intra-op threads, glibc told
+    to keep freed memory, and the data folder checked (exit with a one-line message when absent)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    if not Path(data).is_dir():
+        raise SystemExit(f"{data} not found: this benchmark needs the shared CIFAR-10 image folder")
+
+
 def split_indices(labels: list[int], val_per_class: int) -> tuple[list[int], list[int]]:
     """Last ``val_per_class`` images of every class (in scan order) -> val; the rest -> train."""
     by_class: dict[int, list[int]] = {}

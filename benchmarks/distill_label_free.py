@@ -32,9 +32,9 @@ from cifar_protocol import (
     DEFAULT_CONFIG,
     ROOT,
     evaluate,
-    keep_freed_memory,
     pretrain,
     split_indices,
+    start,
 )
 
 from esvit.backbones import build_backbone
@@ -42,8 +42,8 @@ from esvit.config import load_config
 from esvit.data import build_dataset
 from esvit.distill.config import load_distill_config
 from esvit.distill.train import distill
-from esvit.export import EXPORT_FORMAT, load_backbone_info
-from esvit.train import checkpoint as ckpt
+from esvit.export import load_backbone_info
+from esvit.formats import backbone_card, write_backbone
 
 log = logging.getLogger("cifar")
 DISTILL_CONFIG = ROOT / "configs" / "distill_feature_cifar10.yaml"
@@ -66,22 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(net: torch.nn.Module, name: str, kwargs: dict, path: Path) -> Path:
-    """An esvit ``.pt`` backbone export (what ``teacher.kind=backbone`` and ``esvit-knn`` read)."""
+    """The standard backbone export (``.safetensors`` + JSON card, :mod:`esvit.formats`), what
+    ``teacher.kind=backbone`` and ``esvit-knn`` read."""
     _, spec = build_backbone(name, **kwargs)
-    return ckpt.atomic_save({"format": EXPORT_FORMAT, "format_version": 1, "backbone": name, "backbone_kwargs": kwargs,
-                             "export_ctor": spec.export_ctor, "image_size": kwargs.get("image_size"),
-                             "checkpoint_key": None,
-                             "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}},
-                            path, "backbone export")
+    card = backbone_card(name, kwargs, spec.export_ctor, kwargs.get("image_size"), path.name, "safetensors")
+    return write_backbone(net, path, "safetensors", card, kwargs.get("image_size"))
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    if not Path(args.data).is_dir():
-        raise SystemExit(f"{args.data} not found: this benchmark needs the shared CIFAR-10 image folder")
+    start(args.data, args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = load_config(DEFAULT_CONFIG, [f"data.num_workers={args.workers}"])
@@ -105,7 +99,7 @@ def main() -> None:
     info = pretrain(cfg, ds, train_idx, args.teacher_min * 60, args.workers)
     teacher = info.pop("backbone")
     info = {k: info[k] for k in ("steps", "images", "cpu_s")}
-    t_path = export(teacher, cfg.model.backbone, t_kwargs, work / "teacher_backbone.pt")
+    t_path = export(teacher, cfg.model.backbone, t_kwargs, work / "teacher_backbone.safetensors")
     score("teacher", teacher, build_backbone(cfg.model.backbone, **t_kwargs)[1], info)
 
     # 2a. label-free distillation (an unlabelled list of the training images)

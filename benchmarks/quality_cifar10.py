@@ -39,9 +39,9 @@ from cifar_protocol import (
     DEFAULT_CONFIG,
     batches,
     evaluate,
-    keep_freed_memory,
     pretrain,
     split_indices,
+    start,
 )
 
 from esvit.backbones import build_backbone
@@ -117,11 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    if not Path(args.data).is_dir():
-        raise SystemExit(f"{args.data} not found: this benchmark needs the shared CIFAR-10 image folder")
+    start(args.data, args.threads)
     cfg = load_config(args.config, args.set)
     size = cfg.augment.global_size
     ds = build_dataset("folder", args.data, cfg.data.canvas_size)

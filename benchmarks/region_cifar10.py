@@ -51,9 +51,9 @@ from cifar_protocol import (
     DEFAULT_CONFIG,
     batches,
     evaluate,
-    keep_freed_memory,
     pretrain,
     split_indices,
+    start,
 )
 
 from esvit.augment import MultiCropAugmentation
@@ -170,11 +170,7 @@ def main() -> None:
     if args.report:
         print(table([json.loads(Path(f).read_text()) for f in args.report]))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    if not Path(args.data).is_dir():
-        raise SystemExit(f"{args.data} not found: this benchmark needs the shared CIFAR-10 image folder")
+    start(args.data)
     paths, labels, _ = scan_image_folder(args.data)
     train_idx, val_idx = split_indices(labels, args.val_per_class)
     bank = train_idx
